@@ -1,0 +1,173 @@
+"""Backend choice, per-op implementation tables, visible fallback and the `explain` record.
+
+A backend is chosen once (``set_backend``, ``use_backend`` or env ``FASTRES_BACKEND``) and passed
+to every op as a plain string, so torch.compile sees a constant. Each op family registers, per
+backend, an implementation and a ``supports(*args) -> reason | None`` check; when the requested
+backend cannot run a case the op runs the reference instead, warns once, and the decision is
+recorded for ``fastres.explain``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "reference", "native", "triton")
+# "auto" tries these in order, per device type.
+_AUTO_ORDER = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"fastres: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+_current = _check_name(os.environ.get("FASTRES_BACKEND", "auto"))
+
+
+def get_backend() -> str:
+    return _current
+
+
+class set_backend(contextlib.ContextDecorator):
+    """Select the backend; usable as a call or as a context manager that restores the previous one."""
+
+    def __init__(self, name: str) -> None:
+        global _current
+        self.prev, _current = _current, _check_name(name)
+
+    def __enter__(self) -> "set_backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _current
+        _current = self.prev
+
+
+use_backend = set_backend
+
+
+# ---- extension and Triton availability -------------------------------------------------------
+def _load_native() -> Optional[str]:
+    """Import the compiled extension; return None on success or the reason it is missing."""
+    if os.environ.get("FASTRES_DISABLE_NATIVE") == "1":
+        return "disabled by FASTRES_DISABLE_NATIVE=1"
+    try:
+        from fastres import _C  # noqa: F401  (registers torch.ops.fastres_native)
+    except (ImportError, OSError) as e:
+        return f"extension fastres._C not importable ({e})"
+    return None
+
+
+NATIVE_MISSING: Optional[str] = _load_native()
+if NATIVE_MISSING is not None and os.environ.get("FASTRES_DISABLE_NATIVE") != "1":
+    warnings.warn(f"fastres: native backend unavailable: {NATIVE_MISSING}; using the reference backend",
+                  stacklevel=2)
+
+
+def _triton_missing(device: torch.device) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton kernels run on CUDA devices (device is {device.type}; TRITON_INTERPRET=1 runs them on CPU)"
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run at least one op on `device` (reference always can)."""
+    device = torch.device(device)
+    names = ["reference"]
+    if NATIVE_MISSING is None:
+        names.append("native")
+    if _triton_missing(device) is None and any("triton" in t for t in _TABLES.values()):
+        names.append("triton")
+    return names
+
+
+# ---- per-op implementation tables ------------------------------------------------------------
+Supports = Callable[..., Optional[str]]
+
+
+@dataclass(frozen=True)
+class Impl:
+    fn: Callable
+    supports: Supports
+
+
+_TABLES: dict[str, dict[str, Impl]] = {}
+
+
+def register(op: str, backend: str, supports: Supports = lambda *a, **k: None):
+    """Decorator: `fn` implements `op` on `backend` when `supports(*args)` returns None."""
+    def deco(fn: Callable) -> Callable:
+        _TABLES.setdefault(op, {})[backend] = Impl(fn, supports)
+        return fn
+    return deco
+
+
+def _backend_missing(backend: str, device: torch.device) -> Optional[str]:
+    if backend == "native":
+        return NATIVE_MISSING
+    if backend == "triton":
+        return _triton_missing(device)
+    return None
+
+
+def _try(op: str, backend: str, device: torch.device, args) -> tuple[Optional[Impl], str]:
+    impl = _TABLES.get(op, {}).get(backend)
+    if impl is None:
+        return None, f"no {backend} kernel for {op}"
+    why = _backend_missing(backend, device) or impl.supports(*args)
+    return (None, why) if why else (impl, "")
+
+
+# ---- decisions: warn once, record for explain ------------------------------------------------
+_warned: set[tuple[str, str, str]] = set()
+_recorder: Optional[list] = None
+_scope: list[str] = []
+
+
+def choose(op: str, backend: str, device: torch.device, args) -> Callable:
+    """The implementation of `op` that runs for `backend` on these args, falling back visibly."""
+    if backend == "auto":
+        reasons = []
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):
+            impl, why = _try(op, name, device, args)
+            if impl is not None:
+                _record(op, name, "auto: " + ("; ".join(reasons) or f"first choice on {device.type}"))
+                return impl.fn
+            reasons.append(f"{name}: {why}")
+        raise AssertionError(f"fastres: no implementation of {op}")  # reference supports everything
+    impl, why = _try(op, backend, device, args)
+    if impl is not None:
+        _record(op, backend, "requested")
+        return impl.fn
+    key = (op, backend, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fastres: {op} falls back from {backend} to reference: {why}", stacklevel=3)
+    _record(op, "reference", f"fallback from {backend}: {why}")
+    return _TABLES[op]["reference"].fn
+
+
+def _record(op: str, backend: str, why: str) -> None:
+    if _recorder is not None:
+        _recorder.append((".".join(_scope) or "<top>", op, backend, why))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Collect (module path, op, backend, why) for every op call inside the block."""
+    global _recorder
+    prev, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = prev

@@ -1,0 +1,135 @@
+"""`fastres.convert`: swap the torchvision/timm blocks of any model for fastres blocks that carry
+the same parameters and buffers (state_dict unchanged), and report what was replaced and what
+was left alone, and why.
+
+Block families register conversion rules next to their modules with `@rule("pkg.mod.Class")`;
+a rule returns the new module, or a string saying why this instance cannot be converted.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch.nn as nn
+
+from fastres import backend as _backend
+
+Rule = Callable[[nn.Module], Union[nn.Module, str]]
+_RULES: dict[str, Rule] = {}
+
+
+def qualname(m: nn.Module) -> str:
+    t = type(m)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    """Register a conversion rule for modules whose class is one of `names` (module.qualname);
+    matching by name keeps torchvision/timm imports out of fastres's import path."""
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            _RULES[n] = fn
+        return fn
+    return deco
+
+
+def adopt(cls: type, src: nn.Module, **modules_and_attrs) -> nn.Module:
+    """An instance of `cls` that takes over `src`'s submodules (no new weights are allocated:
+    __init__ is not run) plus the given attributes, in `src`'s train/eval mode."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    for k, v in modules_and_attrs.items():
+        setattr(new, k, v)
+    new.train(src.training)
+    return new
+
+
+def as_subclass(m: nn.Module, cls: type, **attrs) -> nn.Module:
+    """A `cls` instance (a subclass of type(m) adding no state) sharing all of `m`'s state."""
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
+def act_name(m: Optional[nn.Module]) -> Optional[str]:
+    """The fastres name of an activation module, or None if it has none."""
+    if m is None or isinstance(m, nn.Identity):
+        return "identity"
+    for cls, name in ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu")):
+        if type(m) is cls:
+            return name
+    return None
+
+
+@dataclass
+class ConversionReport:
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)  # (path, from, to)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)   # (path, class, why)
+
+    def __str__(self) -> str:
+        lines = [f"fastres.convert: {len(self.replaced)} module(s) replaced, {len(self.skipped)} left alone"]
+        lines += [f"  replaced {p or '<root>'}: {a} -> {b}" for p, a, b in self.replaced]
+        lines += [f"  kept     {p or '<root>'}: {a} ({why})" for p, a, why in self.skipped]
+        return "\n".join(lines)
+
+
+def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = False) -> nn.Module:
+    """Return `model` with every recognised block replaced by its fastres counterpart.
+
+    The new blocks share the original parameters and buffers (deep-copied first unless
+    `inplace`), so outputs, gradients and state_dict keys stay those of the original, in train
+    and in eval mode. `backend` pins the backend of the converted blocks (default: the global
+    one at call time, see `fastres.set_backend`). `conversion_report(model)` says what happened.
+    """
+    import fastres.nn  # noqa: F401  (registers the rules of every block family)
+
+    if backend is not None:
+        _backend._check_name(backend)
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport()
+    model = _convert(model, "", backend, report)
+    object.__setattr__(model, "_fastres_report", report)
+    return model
+
+
+def _convert(m: nn.Module, path: str, backend: Optional[str], report: ConversionReport) -> nn.Module:
+    fn = _RULES.get(qualname(m))
+    if fn is not None:
+        new = fn(m)
+        if isinstance(new, str):
+            report.skipped.append((path, qualname(m), new))
+        else:
+            for sub in new.modules():
+                if hasattr(type(sub), "backend"):
+                    sub.backend = backend
+            report.replaced.append((path, qualname(m), qualname(new)))
+            return new
+    for name, child in list(m.named_children()):
+        new = _convert(child, f"{path}.{name}" if path else name, backend, report)
+        if new is not child:
+            setattr(m, name, new)
+    if isinstance(m, nn.Sequential):
+        _fuse_bn_act_pairs(m, path, backend, report)
+    return m
+
+
+def _fuse_bn_act_pairs(seq: nn.Sequential, path: str, backend: Optional[str], report: ConversionReport) -> None:
+    """(BatchNorm2d, ReLU/ReLU6/SiLU) neighbours in a Sequential become (BatchNormAct2d, Identity)."""
+    from fastres.nn.norm_act import BatchNormAct2d
+    names = list(seq._modules)
+    for a, b in zip(names, names[1:]):
+        bn, act = seq._modules[a], seq._modules[b]
+        if type(bn) is nn.BatchNorm2d and act_name(act) not in (None, "identity"):
+            seq._modules[a] = as_subclass(bn, BatchNormAct2d, act=act_name(act), backend=backend)
+            seq._modules[b] = nn.Identity()
+            report.replaced.append((f"{path}.{a}" if path else a, qualname(bn) + " + " + qualname(act),
+                                    qualname(seq._modules[a])))
+
+
+def conversion_report(model: nn.Module) -> Optional[ConversionReport]:
+    """What `convert` replaced and left alone in `model` (None if it was not converted)."""
+    return getattr(model, "_fastres_report", None)

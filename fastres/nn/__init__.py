@@ -1,0 +1,4 @@
+"""Drop-in fused modules for the ResNet family."""
+from fastres.nn.norm_act import BatchNormAct2d  # noqa: F401
+from fastres.nn.resnet import BasicBlock, Bottleneck  # noqa: F401
+from fastres.nn.se import SqueezeExcite  # noqa: F401

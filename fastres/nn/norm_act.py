@@ -1,0 +1,125 @@
+"""BatchNorm + activation as one layer, and the helpers every fastres block uses to call the fused
+functional ops with the parameters of its own `nn.Conv2d` / BN submodules (so state_dict keys
+stay those of torchvision and timm)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from fastres import functional as F
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_input(module: nn.Module, x: Tensor, channels: int) -> None:
+    """A clear error, naming the block, for input a block cannot take."""
+    name = type(module).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D input (N, C={channels}, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} input channels (N, {channels}, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name}: expected a floating-point input (float32, float16, bfloat16 or "
+                        f"float64), got {x.dtype}")
+    p = next(module.parameters(), None)
+    if p is not None:
+        if x.device != p.device:
+            raise RuntimeError(f"{name}: input is on {x.device} but the block's parameters are on {p.device}")
+        if x.dtype != p.dtype:
+            raise TypeError(f"{name}: input dtype {x.dtype} does not match the block's parameters "
+                            f"({p.dtype}); convert one of them with .to()")
+
+
+def bn_args(bn: nn.Module) -> tuple[tuple, Optional[object]]:
+    """(running_mean, running_var, weight, bias, training, momentum, eps) as `F.batch_norm` takes
+    them, resolved exactly like `nn.BatchNorm2d.forward` (incl. num_batches_tracked and
+    momentum=None), and the process group for SyncBatchNorm. Accepts BatchNorm2d and its
+    subclasses, SyncBatchNorm and torchvision's FrozenBatchNorm2d."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):  # FrozenBatchNorm2d: buffers, no training
+        return (bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps), None
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    group = None
+    if isinstance(bn, nn.SyncBatchNorm) and training and dist.is_available() and dist.is_initialized():
+        group = bn.process_group or dist.group.WORLD
+        if dist.get_world_size(group) == 1:
+            group = None
+    return ((bn.running_mean if track else None, bn.running_var if track else None, bn.weight, bn.bias,
+             training, factor, bn.eps), group)
+
+
+def _conv_kw(conv: nn.Conv2d) -> dict:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, *, act: str = "relu",
+            residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """act(bn(conv(x)) + residual) through `F.conv2d_bn_act`."""
+    args, group = bn_args(bn)
+    return F.conv2d_bn_act(x, conv.weight, conv.bias, *args, act=act, residual=residual,
+                           process_group=group, backend=backend, **_conv_kw(conv))
+
+
+def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, *, pre_act: str = "relu",
+            residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """conv(pre_act(bn(x))) + residual through `F.bn_act_conv2d` (activation never stored)."""
+    args, group = bn_args(bn)
+    return F.bn_act_conv2d(x, *args, weight=conv.weight, bias=conv.bias, pre_act=pre_act,
+                           residual=residual, process_group=group, backend=backend, **_conv_kw(conv))
+
+
+def norm_act(x: Tensor, bn: nn.Module, *, act: str = "relu", residual: Optional[Tensor] = None,
+             backend: Optional[str] = None) -> Tensor:
+    """act(bn(x) + residual) through `F.bn_act`."""
+    args, group = bn_args(bn)
+    return F.bn_act(x, *args, act=act, residual=residual, process_group=group, backend=backend)
+
+
+def conv(x: Tensor, conv: nn.Conv2d, *, act: str = "identity", residual: Optional[Tensor] = None,
+         backend: Optional[str] = None) -> Tensor:
+    """act(conv(x) + bias + residual) through `F.conv2d`."""
+    return F.conv2d(x, conv.weight, conv.bias, act=act, residual=residual, backend=backend, **_conv_kw(conv))
+
+
+def shortcut(downsample: Optional[nn.Module], x: Tensor, backend: Optional[str] = None) -> Tensor:
+    """The block's shortcut: identity, a fused conv-BN projection, or any other module as it is."""
+    if downsample is None:
+        return x
+    if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
+            and isinstance(downsample[0], nn.Conv2d) and is_bn(downsample[1])):
+        return conv_bn(x, downsample[0], downsample[1], act="identity", backend=backend)
+    return downsample(x)
+
+
+def is_bn(m: nn.Module) -> bool:
+    """A BatchNorm2d-like layer this module family can fuse (BatchNorm2d, SyncBatchNorm, Frozen)."""
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) or type(m).__name__ == "FrozenBatchNorm2d"
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` followed by an activation, in one pass; the keys of `nn.BatchNorm2d`."""
+    backend: Optional[str] = None
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, act: str = "relu",
+                 backend: Optional[str] = None, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.act, self.backend = act, backend
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        check_input(self, x, self.num_features)
+        return norm_act(x, self, act=self.act, residual=residual, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, act={self.act}"

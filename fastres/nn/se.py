@@ -1,0 +1,50 @@
+"""Squeeze-excitation with the gate applied in one fused pass (optionally with the block's
+residual add and activation). Keys of timm's SEModule: fc1, [bn], fc2."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as TF
+from torch import Tensor
+
+from fastres import functional as F
+from fastres.convert import act_name, adopt, rule
+from fastres.nn.norm_act import check_input
+from fastres.ops.reference import apply_act
+
+
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc2(act(bn(fc1(mean_hw(x)))))); `gate_logits` gives the (N, C) logits so a block
+    can fuse the gate with its residual add and activation (`F.se_gate_act`)."""
+    backend: Optional[str] = None
+
+    def __init__(self, channels: int, rd_channels: int, *, act: str = "relu", norm: bool = False,
+                 bias: bool = True, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=bias)
+        self.bn = nn.BatchNorm2d(rd_channels) if norm else nn.Identity()
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=bias)
+        self.act, self.backend = act, backend
+
+    def gate_logits(self, x: Tensor) -> Tensor:
+        s = TF.conv2d(x.mean((2, 3), keepdim=True), self.fc1.weight, self.fc1.bias)
+        s = apply_act(self.bn(s), self.act)
+        return TF.conv2d(s, self.fc2.weight, self.fc2.bias).flatten(1)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, act: str = "identity") -> Tensor:
+        check_input(self, x, self.fc1.in_channels)
+        return F.se_gate_act(x, self.gate_logits(x), residual=residual, act=act, backend=self.backend)
+
+
+@rule("timm.layers.squeeze_excite.SEModule")
+def from_timm_se(m: nn.Module):
+    """timm's SEModule (sigmoid gate, mean pooling) as a SqueezeExcite; a reason string if not."""
+    if getattr(m, "add_maxpool", False):
+        return "SE with max pooling is not fused"
+    if type(m.gate).__name__ != "Sigmoid" or act_name(m.act) is None:
+        return "SE gate is not sigmoid or its activation is not relu/relu6/silu"
+    if not isinstance(m.bn, (nn.Identity, nn.BatchNorm2d)):
+        return "SE norm layer is not BatchNorm2d"
+    return adopt(SqueezeExcite, m, fc1=m.fc1, bn=m.bn, fc2=m.fc2, act=act_name(m.act))
