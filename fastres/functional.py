@@ -125,15 +125,16 @@ def fold_bn(weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor
 def conv2d_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean, running_var,
                   bn_weight=None, bn_bias=None, training: bool = False, momentum: float = 0.1,
                   eps: float = 1e-5, *, stride=1, padding=0, dilation=1, groups: int = 1,
-                  act: str = "relu", residual: Optional[Tensor] = None, process_group=None,
-                  backend: Optional[str] = None) -> Tensor:
-    """act(BN(conv(x)) + residual). In eval BN is folded into the conv; in training the batch
-    statistics of the conv output are taken and BN-add-act runs as one elementwise pass."""
+                  act: str = "relu", residual: Optional[Tensor] = None, addend: Optional[Tensor] = None,
+                  process_group=None, backend: Optional[str] = None) -> Tensor:
+    """act(BN(conv(x + addend)) + residual). In eval BN is folded into the conv; in training the
+    batch statistics of the conv output are taken and BN-add-act runs as one elementwise pass."""
     if not training:
         scale, shift = bn_scale_shift(x, running_mean, running_var, bn_weight, bn_bias, False, momentum, eps)
         w, b = fold_bn(weight, bias, scale, shift)
-        return conv2d(x, w, b, stride, padding, dilation, groups, residual=residual, act=act, backend=backend)
-    y = conv2d(x, weight, bias, stride, padding, dilation, groups, backend=backend)
+        return conv2d(x, w, b, stride, padding, dilation, groups, addend=addend, residual=residual,
+                      act=act, backend=backend)
+    y = conv2d(x, weight, bias, stride, padding, dilation, groups, addend=addend, backend=backend)
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, act=act,
                   residual=residual, process_group=process_group, backend=backend)
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from fastres import functional as F
+from fastres.convert import act_name, as_subclass, rule
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -64,10 +65,11 @@ def _conv_kw(conv: nn.Conv2d) -> dict:
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, *, act: str = "relu",
-            residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    """act(bn(conv(x)) + residual) through `F.conv2d_bn_act`."""
+            residual: Optional[Tensor] = None, addend: Optional[Tensor] = None,
+            backend: Optional[str] = None) -> Tensor:
+    """act(bn(conv(x + addend)) + residual) through `F.conv2d_bn_act`."""
     args, group = bn_args(bn)
-    return F.conv2d_bn_act(x, conv.weight, conv.bias, *args, act=act, residual=residual,
+    return F.conv2d_bn_act(x, conv.weight, conv.bias, *args, act=act, residual=residual, addend=addend,
                            process_group=group, backend=backend, **_conv_kw(conv))
 
 
@@ -123,3 +125,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act={self.act}"
+
+
+@rule("timm.layers.norm_act.BatchNormAct2d")
+def _from_timm(m: nn.Module):
+    act = act_name(m.act)
+    if act is None or not isinstance(m.drop, nn.Identity):
+        return f"activation {type(m.act).__name__} or dropout is not fused"
+    return as_subclass(m, BatchNormAct2d, act=act, backend=None)
