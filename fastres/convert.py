@@ -46,9 +46,11 @@ def adopt(cls: type, src: nn.Module, **modules_and_attrs) -> nn.Module:
 
 
 def as_subclass(m: nn.Module, cls: type, **attrs) -> nn.Module:
-    """A `cls` instance (a subclass of type(m) adding no state) sharing all of `m`'s state."""
+    """A `cls` instance sharing all of `m`'s parameters and buffers; submodules named in `attrs`
+    (e.g. an activation module replaced by its name) are dropped."""
     new = cls.__new__(cls)
     new.__dict__.update(m.__dict__)
+    new._modules = {k: v for k, v in m._modules.items() if k not in attrs}
     for k, v in attrs.items():
         setattr(new, k, v)
     return new
