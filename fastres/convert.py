@@ -86,7 +86,8 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = 
     and in eval mode. `backend` pins the backend of the converted blocks (default: the global
     one at call time, see `fastres.set_backend`). `conversion_report(model)` says what happened.
     """
-    import fastres.nn  # noqa: F401  (registers the rules of every block family)
+    import fastres.models  # noqa: F401  (registers the rules of every block and model family)
+    import fastres.nn  # noqa: F401
 
     if backend is not None:
         _backend._check_name(backend)
@@ -109,7 +110,7 @@ def _convert(m: nn.Module, path: str, backend: Optional[str], report: Conversion
                 if hasattr(type(sub), "backend"):
                     sub.backend = backend
             report.replaced.append((path, qualname(m), qualname(new)))
-            return new
+            m = new  # its children may be convertible too (a model-level rule keeps its blocks)
     for name, child in list(m.named_children()):
         new = _convert(child, f"{path}.{name}" if path else name, backend, report)
         if new is not child:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from fastres import backend as _backend
@@ -27,59 +26,71 @@ def _pair(v) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
-def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
-    """Combine per-rank (mean, biased var, count) into the global ones; differentiable, float64."""
-    from torch.distributed.nn.functional import all_reduce
-    n = torch.tensor(float(count), dtype=torch.float64, device=mean.device)
-    m64, v64 = mean.double(), var.double()
-    packed = torch.cat([n.view(1), m64 * n, (v64 + m64 * m64) * n])
-    total = all_reduce(packed, group=group)
-    c = mean.numel()
-    n_all = total[0]
-    g_mean = total[1:1 + c] / n_all
-    g_var = total[1 + c:] / n_all - g_mean * g_mean
-    return g_mean.to(mean.dtype), g_var.clamp_min(0).to(var.dtype), int(n_all.item())
-
-
-def bn_scale_shift(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
-                   momentum: float, eps: float, *, process_group=None,
-                   backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) with BN(x) == x * scale + shift; fp32 for half inputs.
-
-    With `training`, statistics come from `x` (reduced across `process_group` when given, as
-    SyncBatchNorm does) and the running buffers are updated."""
+def bn_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+             momentum: float, eps: float, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) that normalise `x`: its batch statistics when `training` (updating the
+    running buffers, when given, exactly as ATen does), else the running ones."""
     if training:
         mean, var = _ops.batch_stats(x, _b(backend))
         count = x.numel() // max(x.shape[1], 1)
-        if process_group is not None:
-            mean, var, count = _sync_stats(mean, var, count, process_group)
-        if count <= 1 and x.numel() > 0:
+        if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
         if running_mean is not None and count > 0:
-            with torch.no_grad():
-                # the same expression as ATen's update, for bit-identical running stats
-                unbiased = var.detach() * (count / (count - 1))
-                running_mean.copy_(momentum * mean.detach() + (1 - momentum) * running_mean)
+            with torch.no_grad():  # the same expression as ATen's update, for identical buffers
+                unbiased = var * (count / (count - 1))
+                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
                 running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
-    else:
-        if running_mean is None:
-            raise ValueError("fastres: BN in eval mode needs running statistics (track_running_stats=True)")
-        mean, var = running_mean, running_var
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    scale = invstd if weight is None else weight.to(acc) * invstd
-    shift = -mean.to(acc) * scale
-    if bias is not None:
-        shift = shift + bias.to(acc)
-    return scale, shift
+        return mean.detach(), torch.rsqrt(var.detach() + eps)
+    if running_mean is None:
+        raise ValueError("fastres: BN in eval mode needs running statistics (track_running_stats=True)")
+    acc = torch.float32 if running_var.dtype in (torch.float16, torch.bfloat16) else running_var.dtype
+    return running_mean, torch.rsqrt(running_var.to(acc) + eps)
+
+
+def _sync_scale_shift(x: Tensor, weight, bias, eps: float, running_mean, running_var, momentum: float,
+                      group, backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    """SyncBatchNorm: global statistics from every rank's (count, sum, sum of squares), reduced in
+    float64 through a differentiable all_reduce, returned as a per-channel (scale, shift) whose
+    autograd graph carries the cross-rank gradient."""
+    from torch.distributed.nn.functional import all_reduce
+    mean, var = _ops.batch_stats(x, _b(backend))
+    n = torch.full((1,), float(x.numel() // max(x.shape[1], 1)), dtype=torch.float64, device=x.device)
+    m64 = mean.double()
+    total = all_reduce(torch.cat([n, m64 * n, (var.double() + m64 * m64) * n]), group=group)
+    c = mean.numel()
+    count = total[0]
+    g_mean = total[1:1 + c] / count
+    g_var = (total[1 + c:] / count - g_mean * g_mean).clamp_min(0)
+    if running_mean is not None and count.item() > 1:
+        with torch.no_grad():
+            unbiased = g_var * (count / (count - 1))
+            running_mean.copy_(momentum * g_mean + (1 - momentum) * running_mean)
+            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
+    acc = mean.dtype
+    scale = torch.rsqrt(g_var + eps).to(acc)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = -g_mean.to(acc) * scale
+    return scale, (shift if bias is None else shift + bias.to(acc))
+
+
+def _bn(x: Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
+        eps: float, process_group, backend: Optional[str]) -> dict:
+    """The BN arguments of the bn_act / conv2d-prologue ops for this call."""
+    if training and process_group is not None:
+        scale, shift = _sync_scale_shift(x, weight, bias, eps, running_mean, running_var, momentum,
+                                         process_group, backend)
+        return dict(weight=scale, bias=shift, mean=None, invstd=None, training=False)
+    mean, invstd = bn_stats(x, running_mean, running_var, training, momentum, eps, backend=backend)
+    return dict(weight=weight, bias=bias, mean=mean, invstd=invstd, training=training)
 
 
 # ---- elementwise -----------------------------------------------------------------------------
 def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], *,
                residual: Optional[Tensor] = None, act: str = "relu",
                backend: Optional[str] = None) -> Tensor:
-    return _ops.affine_act(x, scale, shift, residual, act, _b(backend))
+    """act(x * scale + shift + residual), per channel."""
+    return _ops.bn_act(x, scale, shift, None, None, residual, act, False, _b(backend))
 
 
 def bn_act(x: Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False,
@@ -87,14 +98,14 @@ def bn_act(x: Tensor, running_mean, running_var, weight=None, bias=None, trainin
            residual: Optional[Tensor] = None, process_group=None,
            backend: Optional[str] = None) -> Tensor:
     """act(BN(x) + residual) in one pass over x."""
-    scale, shift = bn_scale_shift(x, running_mean, running_var, weight, bias, training, momentum,
-                                  eps, process_group=process_group, backend=backend)
-    return _ops.affine_act(x, scale, shift, residual, act, _b(backend))
+    bn = _bn(x, running_mean, running_var, weight, bias, training, momentum, eps, process_group, backend)
+    return _ops.bn_act(x, bn["weight"], bn["bias"], bn["mean"], bn["invstd"], residual, act,
+                       bn["training"], _b(backend))
 
 
 def add_act(x: Tensor, residual: Tensor, *, act: str = "relu", backend: Optional[str] = None) -> Tensor:
     """act(x + residual)."""
-    return _ops.affine_act(x, None, None, residual, act, _b(backend))
+    return _ops.bn_act(x, None, None, None, None, residual, act, False, _b(backend))
 
 
 def se_gate_act(x: Tensor, gate: Tensor, *, residual: Optional[Tensor] = None, act: str = "identity",
@@ -105,20 +116,28 @@ def se_gate_act(x: Tensor, gate: Tensor, *, residual: Optional[Tensor] = None, a
 
 # ---- convolutions ----------------------------------------------------------------------------
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
-           dilation=1, groups: int = 1, *, pre_scale: Optional[Tensor] = None,
-           pre_shift: Optional[Tensor] = None, pre_act: str = "identity",
+           dilation=1, groups: int = 1, *, pre_weight: Optional[Tensor] = None,
+           pre_bias: Optional[Tensor] = None, pre_mean: Optional[Tensor] = None,
+           pre_invstd: Optional[Tensor] = None, pre_act: str = "identity", pre_training: bool = False,
            addend: Optional[Tensor] = None, residual: Optional[Tensor] = None,
            act: str = "identity", backend: Optional[str] = None) -> Tensor:
-    """act(conv(pre_act((x + addend) * pre_scale + pre_shift)) + bias + residual)."""
+    """act(conv(pre_act(BN(x + addend))) + bias + residual); see fastres.ops.conv."""
     return _ops.conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
-                       pre_scale, pre_shift, pre_act, addend, residual, act, _b(backend))
+                       pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend,
+                       residual, act, _b(backend))
 
 
-def fold_bn(weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
-    """Conv weight and bias with the per-output-channel affine (scale, shift) folded in.
-    Differentiable, so eval-mode BN with trainable conv weights trains correctly."""
-    w = (weight.to(scale.dtype) * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
-    b = shift if bias is None else shift + bias.to(scale.dtype) * scale
+def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight, bn_bias, mean: Tensor,
+            invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Conv weight and bias with an eval-mode BN of its output folded in. Differentiable, so
+    eval-mode BN with trainable conv/BN parameters trains correctly."""
+    acc = invstd.dtype
+    scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
+    shift = -mean.to(acc) * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(acc)
+    w = (weight.to(acc) * scale.view(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+    b = shift if bias is None else shift + bias.to(acc) * scale
     return w, b.to(weight.dtype)
 
 
@@ -130,8 +149,8 @@ def conv2d_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mea
     """act(BN(conv(x + addend)) + residual). In eval BN is folded into the conv; in training the
     batch statistics of the conv output are taken and BN-add-act runs as one elementwise pass."""
     if not training:
-        scale, shift = bn_scale_shift(x, running_mean, running_var, bn_weight, bn_bias, False, momentum, eps)
-        w, b = fold_bn(weight, bias, scale, shift)
+        mean, invstd = bn_stats(x, running_mean, running_var, False, momentum, eps)
+        w, b = fold_bn(weight, bias, bn_weight, bn_bias, mean, invstd)
         return conv2d(x, w, b, stride, padding, dilation, groups, addend=addend, residual=residual,
                       act=act, backend=backend)
     y = conv2d(x, weight, bias, stride, padding, dilation, groups, addend=addend, backend=backend)
@@ -152,9 +171,9 @@ def bn_act_conv2d(x: Tensor, running_mean, running_var, bn_weight=None, bn_bias=
                   weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, pre_act: str = "relu", residual: Optional[Tensor] = None,
                   act: str = "identity", process_group=None, backend: Optional[str] = None) -> Tensor:
-    """conv(act(BN(x))) with the BN-act applied as the conv loads its input; the activated tensor
-    is never stored (the backward recomputes it)."""
-    scale, shift = bn_scale_shift(x, running_mean, running_var, bn_weight, bn_bias, training,
-                                  momentum, eps, process_group=process_group, backend=backend)
-    return conv2d(x, weight, bias, stride, padding, dilation, groups, pre_scale=scale,
-                  pre_shift=shift, pre_act=pre_act, residual=residual, act=act, backend=backend)
+    """conv(pre_act(BN(x))) + residual with the BN-act applied as the conv loads its input; the
+    activated tensor is never stored (the backward recomputes it)."""
+    bn = _bn(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, process_group, backend)
+    return conv2d(x, weight, bias, stride, padding, dilation, groups, pre_weight=bn["weight"],
+                  pre_bias=bn["bias"], pre_mean=bn["mean"], pre_invstd=bn["invstd"], pre_act=pre_act,
+                  pre_training=bn["training"], residual=residual, act=act, backend=backend)

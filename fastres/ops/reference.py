@@ -52,9 +52,27 @@ def act_backward(g: Tensor, act: str, *, z: Optional[Tensor] = None, y: Optional
     return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
-# ---- per-channel affine + residual + activation ----------------------------------------------
-def affine_pre(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-               residual: Optional[Tensor]) -> Tensor:
+# ---- batch norm (or any per-channel affine) + residual + activation ---------------------------
+#   z = (x - mean) * invstd * weight + bias (+ residual),  y = act(z); every term optional.
+# With `training`, mean/invstd are the batch statistics of x itself and the backward includes
+# their gradient (the full BN backward, combined in fp32 and rounded once).
+def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
+                invstd: Optional[Tensor], x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Per-channel (scale, shift) with z = x * scale + shift, in x's accumulation dtype."""
+    acc = _acc(x).dtype
+    scale = invstd.to(acc) if invstd is not None else None
+    if weight is not None:
+        scale = weight.to(acc) if scale is None else scale * weight.to(acc)
+    shift = None
+    if mean is not None:
+        shift = -mean.to(acc) * (scale if scale is not None else 1)
+    if bias is not None:
+        shift = bias.to(acc) if shift is None else shift + bias.to(acc)
+    return scale, shift
+
+
+def bn_pre(x: Tensor, weight, bias, mean, invstd, residual: Optional[Tensor]) -> Tensor:
+    scale, shift = scale_shift(weight, bias, mean, invstd, x)
     z = _acc(x)
     if scale is not None:
         z = z * _chan(scale, x)
@@ -65,32 +83,60 @@ def affine_pre(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
     return z
 
 
-def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-               residual: Optional[Tensor], act: str) -> Tensor:
-    return apply_act(affine_pre(x, scale, shift, residual), act).to(x.dtype)
+def bn_act(x: Tensor, weight, bias, mean, invstd, residual: Optional[Tensor], act: str) -> Tensor:
+    return apply_act(bn_pre(x, weight, bias, mean, invstd, residual), act).to(x.dtype)
 
 
-def affine_act_backward(grad: Tensor, x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-                        residual: Optional[Tensor], out: Optional[Tensor], act: str,
-                        output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Grads of (x, residual, scale, shift); unneeded ones are empty. The activation is recomputed
-    from the saved input (silu) or read from the saved output (relu family), never stored."""
+def bn_backward(gz: Tensor, x: Tensor, weight, mean, invstd, training: bool,
+                need_x: bool, need_w: bool, need_b: bool):
+    """Grads of (x, weight, bias) of z = (x - mean) * invstd * weight + bias given dL/dz (fp32).
+    Per-channel sums in fp32; with `training` the statistics' gradient is included."""
+    dims = _reduce_dims(x)
+    xa = _acc(x)
+    s0 = gz.sum(dims)
+    xhat = xa
+    if mean is not None:
+        xhat = xhat - _chan(mean.to(xa.dtype), x)
+    if invstd is not None:
+        xhat = xhat * _chan(invstd.to(xa.dtype), x)
+    s1 = (gz * xhat).sum(dims) if (need_w or training) else None
+    gx = None
+    if need_x:
+        scale, _ = scale_shift(weight, None, None, invstd, x)
+        g = gz
+        if training:
+            n = max(x.numel() // max(x.shape[1], 1), 1)
+            g = gz - _chan(s0 / n, x) - xhat * _chan(s1 / n, x)
+        gx = (g * _chan(scale, x) if scale is not None else g).to(x.dtype)
+    gw = s1.to(weight.dtype) if need_w and weight is not None else None
+    gb = s0 if need_b else None
+    return gx, gw, gb
+
+
+def bn_act_backward(grad: Tensor, x: Tensor, weight, bias, mean, invstd, residual: Optional[Tensor],
+                    out: Optional[Tensor], act: str, training: bool,
+                    output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Grads of (x, residual, weight, bias); entries not in output_mask are empty. The activation
+    is recomputed from the saved input (silu) or read from the saved output (relu family)."""
     if act == "silu":
-        gz = act_backward(_acc(grad), act, z=affine_pre(x, scale, shift, residual))
+        gz = act_backward(_acc(grad), act, z=bn_pre(x, weight, bias, mean, invstd, residual))
     else:
         gz = act_backward(_acc(grad), act, y=out)
+    gx, gw, gb = bn_backward(gz, x, weight, mean, invstd, training, output_mask[0],
+                             output_mask[2] and weight is not None, output_mask[3] and bias is not None)
     empty = grad.new_empty(0)
-    gx = (gz * _chan(scale, x) if scale is not None else gz).to(x.dtype) if output_mask[0] else empty
     gres = gz.to(grad.dtype) if output_mask[1] else empty
-    dims = _reduce_dims(x)
-    gscale = (gz * _acc(x)).sum(dims).to(scale.dtype) if output_mask[2] and scale is not None else empty
-    gshift = gz.sum(dims).to(shift.dtype) if output_mask[3] and shift is not None else empty
-    return gx, gres, gscale, gshift
+    return (gx if gx is not None else empty, gres, gw if gw is not None else empty,
+            gb.to(bias.dtype) if gb is not None else empty)
 
 
 # ---- batch statistics ------------------------------------------------------------------------
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over every dim but 1, in the accumulation dtype."""
+    """Per-channel mean and biased variance over every dim but 1, in the accumulation dtype
+    (NaN for an empty input, as there is nothing to average)."""
+    if x.numel() == 0:
+        nan = torch.full((x.shape[1],), float("nan"), dtype=_acc(x).dtype, device=x.device)
+        return nan, nan.clone()
     var, mean = torch.var_mean(_acc(x), dim=_reduce_dims(x), correction=0)
     return mean, var
 
@@ -102,58 +148,58 @@ def batch_stats_backward(gmean: Tensor, gvar: Tensor, x: Tensor, mean: Tensor) -
 
 
 # ---- convolution with fused prologue and epilogue --------------------------------------------
-def prologue(x: Tensor, addend: Optional[Tensor], pre_scale: Optional[Tensor],
-             pre_shift: Optional[Tensor], pre_act: str) -> tuple[Tensor, Optional[Tensor]]:
-    """The conv input a = pre_act((x + addend) * pre_scale + pre_shift), and the pre-activation
-    z it came from (None when the prologue is the identity)."""
-    if addend is None and pre_scale is None and pre_shift is None and pre_act == "identity":
+def prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd,
+             pre_act: str) -> tuple[Tensor, Optional[Tensor]]:
+    """The conv input a = pre_act(BN(x + addend)), and the pre-activation z it came from (None
+    when the prologue is the identity)."""
+    if addend is None and pw is None and pb is None and pmean is None and pinvstd is None \
+            and pre_act == "identity":
         return x, None
-    z = affine_pre(x if addend is None else x + addend, pre_scale, pre_shift, None)
+    z = bn_pre(x if addend is None else x + addend, pw, pb, pmean, pinvstd, None)
     return apply_act(z, pre_act).to(x.dtype), z
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
            padding: Sequence[int], dilation: Sequence[int], groups: int,
-           pre_scale: Optional[Tensor], pre_shift: Optional[Tensor], pre_act: str,
+           pre_weight, pre_bias, pre_mean, pre_invstd, pre_act: str, pre_training: bool,
            addend: Optional[Tensor], residual: Optional[Tensor], act: str) -> Tensor:
-    a, _ = prologue(x, addend, pre_scale, pre_shift, pre_act)
+    a, _ = prologue(x, addend, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act)
     y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
     if residual is None and act == "identity":
         return y
-    return affine_act(y, None, None, residual, act)
+    return bn_act(y, None, None, None, None, residual, act)
 
 
-def conv2d_backward(grad: Tensor, out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                    stride, padding, dilation, groups: int, pre_scale, pre_shift, pre_act: str,
-                    addend, residual, act: str, needs: Sequence[bool]):
-    """Grads of (x, weight, bias, pre_scale, pre_shift, addend, residual), None where not needed.
+def conv2d_backward(grad: Tensor, out: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    stride, padding, dilation, groups: int, pre_weight, pre_bias, pre_mean,
+                    pre_invstd, pre_act: str, pre_training: bool, addend, residual, act: str,
+                    needs: Sequence[bool]):
+    """Grads of (x, weight, bias, pre_weight, pre_bias, addend, residual), None where not needed.
     The prologue's activation is recomputed from x; the epilogue's mask comes from `out`."""
-    nx, nw, nb, nps, npb, nadd, nres = needs
-    a, z = prologue(x, addend, pre_scale, pre_shift, pre_act)
+    nx, nw, nb, npw, npb, nadd, nres = needs
+    a, z = prologue(x, addend, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act)
     if act == "silu":  # silu' needs the conv output: recompute it (only eval-mode BN with grads)
-        zc = affine_pre(F.conv2d(a, weight, bias, stride, padding, dilation, groups), None, None, residual)
+        zc = bn_pre(F.conv2d(a, weight, bias, stride, padding, dilation, groups), None, None, None, None, residual)
         gz = act_backward(_acc(grad), act, z=zc)
     else:
         gz = act_backward(_acc(grad), act, y=out)
     gres = gz.to(residual.dtype) if nres else None
     gb = gz.sum(_reduce_dims(gz)).to(bias.dtype) if nb else None
-    gz = gz.to(out.dtype)
-    need_ga = nx or nps or npb or nadd
+    gz = gz.to(grad.dtype)
+    need_ga = nx or npw or npb or nadd
     ga, gw, _ = torch.ops.aten.convolution_backward(
         gz, a, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_ga, nw, False])
-    gx = gps = gpb = None
+    gx = gpw = gpb = None
     if need_ga:
         if z is None:
             gx = ga
         else:
             gpz = act_backward(_acc(ga), pre_act, z=z)
-            src = _acc(x if addend is None else x + addend)
-            dims = _reduce_dims(x)
-            gps = (gpz * src).sum(dims).to(pre_scale.dtype) if nps else None
-            gpb = gpz.sum(dims).to(pre_shift.dtype) if npb else None
-            gx = (gpz * _chan(pre_scale, x) if pre_scale is not None else gpz).to(x.dtype)
-    gadd = gx if nadd else None
-    return (gx if nx else None), gw, gb, gps, gpb, gadd, gres
+            src = x if addend is None else x + addend
+            gx, gpw, gpb = bn_backward(gpz, src, pre_weight, pre_mean, pre_invstd, pre_training,
+                                       nx or nadd, npw, npb)
+            gpb = gpb.to(pre_bias.dtype) if gpb is not None else None
+    return (gx if nx else None), gw, gb, gpw, gpb, (gx if nadd else None), gres
 
 
 # ---- squeeze-excitation gate -----------------------------------------------------------------

@@ -9,12 +9,12 @@ from torch import Tensor
 
 from fastres import backend as B
 from fastres.ops import reference as ref
-from fastres.ops.bn_act import _check_act
+from fastres.ops.bn_act import check_act
 
 
 @torch.library.custom_op("fastres::se_gate_act", mutates_args=())
 def se_gate_act(x: Tensor, gate: Tensor, residual: Optional[Tensor], act: str, backend: str) -> Tensor:
-    _check_act(act)
+    check_act(act)
     if gate.shape != x.shape[:2]:
         raise ValueError(f"fastres.se_gate_act: gate must be (N, C) = {tuple(x.shape[:2])}, "
                          f"got {tuple(gate.shape)}")

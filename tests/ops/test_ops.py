@@ -1,0 +1,168 @@
+"""Every torch.ops.fastres op: opcheck, float64 gradcheck against finite differences, and the
+reference against plain PyTorch compositions, for each fusion flag."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import fastres  # noqa: F401
+from fastres.ops import ACTS
+from tests.utils import assert_close
+
+ops = torch.ops.fastres
+CL = torch.channels_last
+
+
+def _act(z, act):
+    return {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu}[act](z)
+
+
+def _fmt(t, cl):
+    return t.to(memory_format=CL) if cl else t
+
+
+def _stats(x):
+    mean, var = ops.batch_stats(x, "reference")
+    return mean.detach(), torch.rsqrt(var.detach() + 1e-5)
+
+
+def _bn_ref(x, w, b, mean, invstd, r, act):
+    z = x
+    if mean is not None:
+        z = (z - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    z = z * (w.view(1, -1, 1, 1) if w is not None else 1) + (b.view(1, -1, 1, 1) if b is not None else 0)
+    return _act(z + (r if r is not None else 0), act)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("mode", ["affine", "eval", "train"])
+@pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=3)), ids=lambda f: "wbr" if f else "")
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_bn_act(act, mode, flags, cl):
+    """mode affine: no statistics; eval: given statistics; train: the batch statistics of x, whose
+    gradient the op's backward must include (checked against finite differences of the composite)."""
+    has_w, has_b, has_res = flags
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = _fmt(torch.randn(2, 5, 4, 3, **f64), cl)
+    w = torch.rand(5, **f64) + 0.5 if has_w else None
+    b = torch.randn(5, **f64) if has_b else None
+    r = torch.randn(2, 5, 4, 3, **f64) if has_res else None
+    running = (torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5)
+
+    def f(x, w, b, r):
+        mean, invstd = {"affine": (None, None), "eval": running, "train": _stats(x)}[mode]
+        return ops.bn_act(x, w, b, mean, invstd, r, act, mode == "train", "reference")
+
+    out = f(x, w, b, r)
+    var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+    stats = {"affine": (None, None), "eval": running, "train": (mean, torch.rsqrt(var + 1e-5))}[mode]
+    assert_close(out, _bn_ref(x, w, b, *stats, r, act), name="forward")
+    assert out.is_contiguous(memory_format=CL) == cl
+    assert torch.autograd.gradcheck(f, (x, w, b, r))
+    opcheck(ops.bn_act.default, (x, w, b, *_stats(x), r, act, mode == "train", "reference"))
+
+
+def test_bn_act_train_needs_stats():
+    with pytest.raises(ValueError, match="training=True needs the batch mean and invstd"):
+        ops.bn_act(torch.randn(2, 3, 2, 2), None, None, None, None, None, "relu", True, "reference")
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (1, 7, 1, 1), (8, 3, 2, 2)])
+def test_batch_stats(shape):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    mean, var = ops.batch_stats(x, "reference")
+    assert_close(mean, x.mean((0, 2, 3)))
+    assert_close(var, x.var((0, 2, 3), unbiased=False))
+    assert torch.autograd.gradcheck(lambda t: ops.batch_stats(t, "reference"), (x,))
+    opcheck(ops.batch_stats.default, (x, "reference"))
+
+
+def test_batch_stats_half_is_fp32_and_stable():
+    x = 1000 + torch.randn(4, 3, 8, 8)
+    mean, var = ops.batch_stats(x.bfloat16(), "reference")
+    assert mean.dtype == var.dtype == torch.float32
+    m64, v64 = ops.batch_stats(x.double(), "reference")
+    mean, var = ops.batch_stats(x, "reference")
+    assert_close(var, v64.float(), dtype=torch.float32)
+
+
+CONV_CASES = [  # (C, K, H, W, kernel, stride, padding, dilation, groups)
+    (6, 4, 7, 7, 3, 1, 1, 1, 1),
+    (6, 4, 8, 6, 3, 2, 1, 1, 2),
+    (4, 6, 9, 9, 3, 1, 2, 2, 1),
+    (5, 3, 1, 1, 1, 1, 0, 1, 1),
+    (8, 8, 5, 5, 3, 1, 1, 1, 8),  # depthwise
+]
+
+
+def _conv_ref(x, w, bias, stride, padding, dilation, groups, pw, pb, pmean, pinvstd, pre_act, pre_training,
+              addend, residual, act):
+    a = _bn_ref(x if addend is None else x + addend, pw, pb, pmean, pinvstd, None, pre_act)
+    y = F.conv2d(a, w, bias, stride, padding, dilation, groups)
+    return _act(y if residual is None else y + residual, act)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("fusion", ["plain", "prologue", "prologue_train", "addend", "epilogue", "all"])
+def test_conv2d(case, fusion):
+    C, K, H, W, k, s, p, d, g = case
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, C, H, W, **f64)
+    w = torch.randn(K, C // g, k, k, **f64)
+    bias = torch.randn(K, **f64) if fusion in ("epilogue", "all") else None
+    pro = fusion in ("prologue", "prologue_train", "all")
+    train = fusion == "prologue_train"
+    pw = torch.rand(C, **f64) + 0.5 if pro else None
+    # a shift > 0 makes BN(0) != 0: the padded pixels must still be zeros after the prologue
+    pb = torch.rand(C, **f64) + 0.1 if pro else None
+    running = (torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5) if pro else (None, None)
+    pre_act = "relu" if pro else "identity"
+    addend = torch.randn(2, C, H, W, **f64) if fusion in ("addend", "all") else None
+    Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
+    Wo = (W + 2 * p - d * (k - 1) - 1) // s + 1
+    residual = torch.randn(2, K, Ho, Wo, **f64) if fusion in ("epilogue", "all") else None
+    act = "relu" if fusion != "plain" else "identity"
+
+    def f(x, w, bias, pw, pb, addend, residual):
+        pmean, pinvstd = _stats(x) if train else running
+        return ops.conv2d(x, w, bias, [s, s], [p, p], [d, d], g, pw, pb, pmean, pinvstd, pre_act, train,
+                          addend, residual, act, "reference")
+
+    tensors = (x, w, bias, pw, pb, addend, residual)
+    stats = _stats(x) if train else running
+    args = (x, w, bias, [s, s], [p, p], [d, d], g, pw, pb, *stats, pre_act, train, addend, residual, act)
+    assert_close(f(*tensors), _conv_ref(*args), name="forward")
+    assert torch.autograd.gradcheck(f, tensors)
+    opcheck(ops.conv2d.default, args + ("reference",))
+
+
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+def test_conv2d_epilogue_acts_backward(act):
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, w, b = torch.randn(2, 3, 5, 5, **f64), torch.randn(4, 3, 3, 3, **f64), torch.randn(4, **f64)
+    fn = lambda x, w, b: ops.conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1, None, None, None, None, "identity",
+                                    False, None, None, act, "reference")
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("has_res", [False, True])
+def test_se_gate_act(act, has_res):
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x, gate = torch.randn(2, 6, 3, 3, **f64), torch.randn(2, 6, **f64)
+    r = torch.randn(2, 6, 3, 3, **f64) if has_res else None
+    out = ops.se_gate_act(x, gate, r, act, "reference")
+    expect = _act(x * torch.sigmoid(gate)[:, :, None, None] + (r if has_res else 0), act)
+    assert_close(out, expect)
+    assert torch.autograd.gradcheck(lambda x, g, r: ops.se_gate_act(x, g, r, act, "reference"), (x, gate, r))
+    opcheck(ops.se_gate_act.default, (x, gate, r, act, "reference"))
+
+
+def test_bad_activation_and_gate_shape():
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        ops.bn_act(x, None, None, None, None, None, "gelu", False, "reference")
+    with pytest.raises(ValueError, match=r"gate must be \(N, C\) = \(1, 2\)"):
+        ops.se_gate_act(x, torch.randn(1, 3), None, "relu", "reference")
