@@ -46,14 +46,15 @@ def adopt(cls: type, src: nn.Module, **modules_and_attrs) -> nn.Module:
 
 
 def as_subclass(m: nn.Module, cls: type, **attrs) -> nn.Module:
-    """A `cls` instance sharing all of `m`'s parameters and buffers; submodules named in `attrs`
-    (e.g. an activation module replaced by its name) are dropped."""
-    new = cls.__new__(cls)
-    new.__dict__.update(m.__dict__)
-    new._modules = {k: v for k, v in m._modules.items() if k not in attrs}
+    """`m` itself, re-classed as `cls` (a fastres class adding no parameters), with `attrs` set;
+    submodules named in `attrs` (an activation module replaced by its name) are dropped.
+    Re-classing keeps the object's identity, so `convert(model, inplace=True)` returns `model`."""
+    for k in attrs:
+        m._modules.pop(k, None)
+    m.__class__ = cls
     for k, v in attrs.items():
-        setattr(new, k, v)
-    return new
+        setattr(m, k, v)
+    return m
 
 
 def act_name(m: Optional[nn.Module]) -> Optional[str]:
@@ -100,16 +101,17 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = 
 
 
 def _convert(m: nn.Module, path: str, backend: Optional[str], report: ConversionReport) -> nn.Module:
-    fn = _RULES.get(qualname(m))
+    source = qualname(m)
+    fn = _RULES.get(source)
     if fn is not None:
         new = fn(m)
         if isinstance(new, str):
-            report.skipped.append((path, qualname(m), new))
+            report.skipped.append((path, source, new))
         else:
             for sub in new.modules():
                 if hasattr(type(sub), "backend"):
                     sub.backend = backend
-            report.replaced.append((path, qualname(m), qualname(new)))
+            report.replaced.append((path, source, qualname(new)))
             m = new  # its children may be convertible too (a model-level rule keeps its blocks)
     for name, child in list(m.named_children()):
         new = _convert(child, f"{path}.{name}" if path else name, backend, report)
@@ -127,10 +129,10 @@ def _fuse_bn_act_pairs(seq: nn.Sequential, path: str, backend: Optional[str], re
     for a, b in zip(names, names[1:]):
         bn, act = seq._modules[a], seq._modules[b]
         if type(bn) is nn.BatchNorm2d and act_name(act) not in (None, "identity"):
+            source = qualname(bn) + " + " + qualname(act)
             seq._modules[a] = as_subclass(bn, BatchNormAct2d, act=act_name(act), backend=backend)
             seq._modules[b] = nn.Identity()
-            report.replaced.append((f"{path}.{a}" if path else a, qualname(bn) + " + " + qualname(act),
-                                    qualname(seq._modules[a])))
+            report.replaced.append((f"{path}.{a}" if path else a, source, qualname(seq._modules[a])))
 
 
 def conversion_report(model: nn.Module) -> Optional[ConversionReport]:

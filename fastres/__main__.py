@@ -1,0 +1,5 @@
+import sys
+
+from fastres.cli import main
+
+sys.exit(main())
