@@ -1,0 +1,99 @@
+"""Res2Net / Res2NeXt Bottle2neck, drop-in for timm's (the official block), same state_dict keys.
+
+conv1-BN-ReLU is one fused op; each 3x3 split conv takes the hierarchical add x_i + y_{i-1} in
+its input load (the `addend` prologue) with BN-ReLU in its epilogue, so no add pass is stored;
+conv3-BN runs with the residual add and ReLU (and the SE gate, when present) fused.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fastres.convert import adopt, qualname, rule
+from fastres.nn.norm_act import check_input, conv_bn, is_bn, shortcut
+from fastres.nn.resnet import _last
+from fastres.nn.se import SqueezeExcite, from_timm_se
+
+
+class Bottle2neck(nn.Module):
+    """Res2Net bottleneck: 1x1 conv to `width * scale` channels split into `scale` groups; group i
+    gets a 3x3 conv (grouped by `cardinality`) of x_i + y_{i-1} (of x_i alone in a stage's first
+    block, which also average-pools the last group), the last group passes through; concat, 1x1
+    conv, [SE], residual add, ReLU."""
+    expansion = 4
+    backend: Optional[str] = None
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, *, cardinality: int = 1,
+                 base_width: int = 26, scale: int = 4, dilation: int = 1,
+                 first_dilation: Optional[int] = None, se_channels: Optional[int] = None,
+                 norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+                 backend: Optional[str] = None, device=None, dtype=None) -> None:
+        """`se_channels`: reduced channels of an SE module on the output (None: no SE)."""
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.scale = scale
+        self.is_first = stride > 1 or downsample is not None
+        self.width = width = int(math.floor(planes * (base_width / 64.0))) * cardinality
+        outplanes = planes * self.expansion
+        d = first_dilation or dilation
+        self.conv1 = nn.Conv2d(inplanes, width * scale, 1, bias=False, **dd)
+        self.bn1 = norm_layer(width * scale, **dd)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(width, width, 3, stride, padding=d, dilation=d, groups=cardinality, bias=False, **dd)
+            for _ in range(max(1, scale - 1)))
+        self.bns = nn.ModuleList(norm_layer(width, **dd) for _ in range(max(1, scale - 1)))
+        self.pool = nn.AvgPool2d(3, stride, padding=1) if self.is_first else None
+        self.conv3 = nn.Conv2d(width * scale, outplanes, 1, bias=False, **dd)
+        self.bn3 = norm_layer(outplanes, **dd)
+        self.se = SqueezeExcite(outplanes, se_channels) if se_channels else None
+        if self.se is not None:
+            self.se.to(**dd)
+        self.downsample = downsample
+        self.backend = backend
+
+    def zero_init_last(self) -> None:
+        if getattr(self.bn3, "weight", None) is not None:
+            nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self.conv1.in_channels)
+        identity = shortcut(self.downsample, x, self.backend)
+        out = conv_bn(x, self.conv1, self.bn1, act="relu", backend=self.backend)
+        spx = torch.split(out, self.width, 1)  # views, no copies
+        spo: list[Tensor] = []
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            addend = None if i == 0 or self.is_first else spo[-1]
+            spo.append(conv_bn(spx[i], conv, bn, act="relu", addend=addend, backend=self.backend))
+        if self.scale > 1:
+            spo.append(spx[-1] if self.pool is None else self.pool(spx[-1]))
+        out = torch.cat(spo, 1) if len(spo) > 1 else spo[0]
+        return _last(self, out, self.conv3, self.bn3, identity)
+
+
+@rule("timm.models.res2net.Bottle2neck")
+def _from_timm(m: nn.Module):
+    if type(m.relu) is not nn.ReLU:
+        return "activation is not ReLU"
+    if not isinstance(m.drop_block, nn.Identity):
+        return "DropBlock is not fused"
+    if m.drop_path is not None and not isinstance(m.drop_path, nn.Identity):
+        return "stochastic depth (drop_path) is not fused"
+    if not all(is_bn(bn) for bn in (m.bn1, m.bn3, *m.bns)):
+        return "norm layers are not BatchNorm2d/SyncBatchNorm/FrozenBatchNorm2d"
+    if not all(type(c) is nn.Conv2d for c in (m.conv1, m.conv3, *m.convs)):
+        return "convolutions are not plain nn.Conv2d"
+    se = None
+    if m.se is not None:
+        if qualname(m.se) != "timm.layers.squeeze_excite.SEModule":
+            return f"attention layer {type(m.se).__name__} is not fused"
+        se = from_timm_se(m.se)
+        if isinstance(se, str):
+            return se
+    return adopt(Bottle2neck, m, scale=m.scale, is_first=m.is_first, width=m.width, conv1=m.conv1,
+                 bn1=m.bn1, convs=m.convs, bns=m.bns, pool=m.pool, conv3=m.conv3, bn3=m.bn3, se=se,
+                 downsample=m.downsample)
