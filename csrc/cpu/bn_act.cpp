@@ -1,0 +1,277 @@
+// CPU kernels of fastres_native::affine_act, affine_act_backward and batch_stats.
+//
+// Every kernel walks the input in its own memory format (see Layout in bn_act.h): an NCHW plane
+// broadcasts its channel's scale/shift, a channels_last row loads them as vectors. Data is loaded
+// as at::vec::Vectorized<scalar_t> and computed in opmath vectors (fp32 for fp16/bf16); tiles run
+// in parallel, and reductions write one partial row per tile that ATen sums at the end, so
+// results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+
+#include "../act.h"
+#include "../bn_act.h"
+
+namespace fastres {
+namespace {
+
+// Channels_last elements per tile (rows = this / C): small enough that a tile's partial
+// sums stay in cache, large enough to amortise the per-tile work.
+constexpr int64_t kTileElems = 16384;
+
+// One step of a scalar_t kernel: Vectorized<T>::size() elements held as kParts opmath vectors.
+template <typename T>
+struct Io {
+  using O = at::opmath_type<T>;
+  using V = Vec<O>;
+  static constexpr int64_t kStep = Vec<T>::size();
+  static constexpr int kParts = kStep / V::size();
+  using Pack = std::array<V, kParts>;
+
+  static int64_t lanes(int64_t n, int k) { return std::clamp<int64_t>(n - k * V::size(), 0, V::size()); }
+
+  // The first n elements at p (the rest zero).
+  static C10_ALWAYS_INLINE Pack load(const T* p, int64_t n) {
+    Vec<T> v = n == kStep ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+    if constexpr (kParts == 1) {
+      return {v};
+    } else {
+      auto [a, b] = at::vec::convert_to_float<T>(v);
+      return {a, b};
+    }
+  }
+
+  static C10_ALWAYS_INLINE void store(T* p, const Pack& v, int64_t n) {
+    Vec<T> w;
+    if constexpr (kParts == 1) {
+      w = v[0];
+    } else {
+      w = at::vec::convert_from_float<T>(v[0], v[1]);
+    }
+    n == kStep ? w.store(p) : w.store(p, n);
+  }
+
+  // Per-channel values for elements [j, j + n) of a run: a vector load along a channels_last
+  // row (inner), a broadcast of *p along an NCHW plane.
+  static C10_ALWAYS_INLINE Pack chan(const O* p, bool inner, int64_t j, int64_t n) {
+    Pack v;
+    for (int k = 0; k < kParts; ++k) v[k] = inner ? V::loadu(p + j + k * V::size(), lanes(n, k)) : V(*p);
+    return v;
+  }
+};
+
+// Per-channel sums over one tile: an NCHW plane sums in registers into one value, a channels_last
+// tile sums each of its C channels in memory (the tile's partial row).
+template <typename T>
+struct TileSum {
+  using IO = Io<T>;
+  typename IO::O* row;
+  bool inner;
+  typename IO::Pack acc;
+
+  TileSum(typename IO::O* row_, bool inner_) : row(row_), inner(inner_) { acc.fill(typename IO::V(0)); }
+
+  C10_ALWAYS_INLINE void add(const typename IO::Pack& v, int64_t j, int64_t n) {
+    for (int k = 0; k < IO::kParts; ++k) {
+      const int64_t m = IO::lanes(n, k);
+      if (inner) {
+        typename IO::O* p = row + j + k * IO::V::size();
+        (IO::V::loadu(p, m) + v[k]).store(p, m);
+      } else {
+        acc[k] = acc[k] + (m == IO::V::size() ? v[k] : IO::V::set(typename IO::V(0), v[k], m));
+      }
+    }
+  }
+
+  void finish() {
+    if (inner) return;
+    for (int k = 0; k < IO::kParts; ++k)
+      *row += at::vec::vec_reduce_all([](auto& a, auto& b) { return a + b; }, acc[k]);
+  }
+};
+
+// Calls f(t) for every tile, tiles in parallel.
+template <typename F>
+void for_each_tile(const Layout& L, F&& f) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(L.tile_elems(), 1));
+  at::parallel_for(0, L.tiles(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) f(t);
+  });
+}
+
+// Calls f(i, j, n) over tile t in steps of at most Io<T>::kStep elements: n elements at flat
+// offset i, position j of their run (the NCHW plane, or the channels_last row, so j is the channel).
+template <typename T, typename F>
+C10_ALWAYS_INLINE void for_each_step(const Layout& L, int64_t t, F&& f) {
+  constexpr int64_t kStep = Io<T>::kStep;
+  auto run = [&](int64_t off, int64_t len) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for (int64_t j = 0; j < len; j += kStep) f(off + j, j, std::min(kStep, len - j));
+  };
+  if (!L.cl) return run(t * L.HW, L.HW);
+  for (int64_t p = t * L.rows, end = std::min(p + L.rows, L.pixels()); p < end; ++p) run(p * L.C, L.C);
+}
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
+
+// ---- affine_act ----------------------------------------------------------------------------------
+template <typename T, Act A>
+void affine_act_kernel(const Inputs& in, Tensor& y) {
+  using IO = Io<T>;
+  using O = typename IO::O;
+  const Layout& L = in.layout;
+  const T* x = in.x.const_data_ptr<T>();
+  const T* r = ptr_or_null<T>(in.residual);
+  const O* scale = in.scale.const_data_ptr<O>();
+  const O* shift = in.shift.const_data_ptr<O>();
+  T* out = y.mutable_data_ptr<T>();
+  for_each_tile(L, [&](int64_t t) {
+    const int64_t c = L.cl ? 0 : t % L.C;
+    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) {
+      auto v = IO::load(x + i, n);
+      auto s = IO::chan(scale + c, L.cl, j, n), b = IO::chan(shift + c, L.cl, j, n);
+      typename IO::Pack rv;
+      if (r) rv = IO::load(r + i, n);
+      for (int k = 0; k < IO::kParts; ++k) {
+        auto z = v[k] * s[k] + b[k];
+        v[k] = act_forward<A>(r ? z + rv[k] : z);
+      }
+      IO::store(out + i, v, n);
+    });
+  });
+}
+
+Tensor affine_act_cpu(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+                      c10::string_view act) {
+  Inputs in = prepare(x, scale, shift, residual, kTileElems);
+  Tensor y = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_act_cpu", [&] {
+    dispatch_act(parse_act(std::string(act)), [&](auto a) { affine_act_kernel<scalar_t, decltype(a)::value>(in, y); });
+  });
+  return y;
+}
+
+// ---- affine_act_backward -------------------------------------------------------------------------
+template <typename T, Act A>
+void affine_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& saved_out, Grads& g) {
+  using IO = Io<T>;
+  using O = typename IO::O;
+  const Layout& L = in.layout;
+  const T* dy = grad.const_data_ptr<T>();
+  const T* x = in.x.const_data_ptr<T>();
+  const T* r = ptr_or_null<T>(in.residual);
+  const T* y = ptr_or_null<T>(saved_out);
+  const O* scale = in.scale.const_data_ptr<O>();
+  const O* shift = in.shift.const_data_ptr<O>();
+  T* gx = g.gx.defined() ? g.gx.mutable_data_ptr<T>() : nullptr;
+  T* gres = g.gres.defined() ? g.gres.mutable_data_ptr<T>() : nullptr;
+  O* dscale = g.need_scale ? g.gscale_partial.mutable_data_ptr<O>() : nullptr;
+  O* dshift = g.need_shift ? g.gshift_partial.mutable_data_ptr<O>() : nullptr;
+  const bool load_x = needs_input(A) || dscale;
+  for_each_tile(L, [&](int64_t t) {
+    const int64_t c = L.cl ? 0 : t % L.C, row = t * L.width();
+    TileSum<T> sum_gx(dscale ? dscale + row : nullptr, L.cl), sum_g(dshift ? dshift + row : nullptr, L.cl);
+    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) {
+      auto gz = IO::load(dy + i, n);
+      auto s = IO::chan(scale + c, L.cl, j, n);
+      typename IO::Pack xv, v;
+      if (load_x) xv = IO::load(x + i, n);
+      if constexpr (needs_input(A)) {
+        auto b = IO::chan(shift + c, L.cl, j, n);
+        typename IO::Pack rv;
+        if (r) rv = IO::load(r + i, n);
+        for (int k = 0; k < IO::kParts; ++k) v[k] = r ? xv[k] * s[k] + b[k] + rv[k] : xv[k] * s[k] + b[k];
+      } else if constexpr (A != Act::Identity) {
+        v = IO::load(y + i, n);
+      }
+      for (int k = 0; k < IO::kParts; ++k) gz[k] = act_backward<A>(gz[k], v[k]);
+      if (gres) IO::store(gres + i, gz, n);
+      if (dshift) sum_g.add(gz, j, n);
+      if (dscale) {
+        typename IO::Pack p;
+        for (int k = 0; k < IO::kParts; ++k) p[k] = gz[k] * xv[k];
+        sum_gx.add(p, j, n);
+      }
+      if (gx) {
+        for (int k = 0; k < IO::kParts; ++k) gz[k] = gz[k] * s[k];
+        IO::store(gx + i, gz, n);
+      }
+    });
+    if (dscale) sum_gx.finish();
+    if (dshift) sum_g.finish();
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cpu(
+    const Tensor& grad_, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
+    const OptTensor& out, c10::string_view act_name, const c10::List<bool>& output_mask) {
+  const Act act = parse_act(std::string(act_name));
+  Inputs in = prepare(x, scale, shift, residual, kTileElems);
+  Tensor grad = in.like_x(grad_, "grad");
+  Tensor saved_out;
+  if (act == Act::Relu || act == Act::Relu6) {
+    TORCH_CHECK(out.has_value() && out->defined(), "fastres: affine_act_backward needs the saved output for ",
+                act_name);
+    saved_out = in.like_x(*out, "out");
+  }
+  Grads g(in, grad, output_mask, scale, shift);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_act_backward_cpu", [&] {
+    dispatch_act(act, [&](auto a) { affine_act_backward_kernel<scalar_t, decltype(a)::value>(in, grad, saved_out, g); });
+  });
+  return g.result(in, grad_, scale, shift);
+}
+
+// ---- batch_stats ---------------------------------------------------------------------------------
+// Two passes per tile (the second reads it from cache): an approximate mean, then the sums of the
+// deviations from it and of their squares, which TileStats::merge turns into exact statistics.
+template <typename T>
+void batch_stats_kernel(const Inputs& in, TileStats& st) {
+  using IO = Io<T>;
+  using O = typename IO::O;
+  const Layout& L = in.layout;
+  const T* x = in.x.const_data_ptr<T>();
+  for_each_tile(L, [&](int64_t t) {
+    const int64_t row = t * L.width();
+    O* mean = st.mean.mutable_data_ptr<O>() + row;
+    TileSum<T> sum(mean, L.cl), dev(st.dev.mutable_data_ptr<O>() + row, L.cl), sq(st.m2.mutable_data_ptr<O>() + row, L.cl);
+    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) { sum.add(IO::load(x + i, n), j, n); });
+    sum.finish();
+    const O inv = O(1) / O(L.count(t));
+    for (int64_t k = 0; k < L.width(); ++k) mean[k] *= inv;
+    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) {
+      auto d = IO::load(x + i, n), m = IO::chan(mean, L.cl, j, n);
+      typename IO::Pack d2;
+      for (int k = 0; k < IO::kParts; ++k) {
+        d[k] = d[k] - m[k];
+        d2[k] = d[k] * d[k];
+      }
+      dev.add(d, j, n);
+      sq.add(d2, j, n);
+    });
+    dev.finish();
+    sq.finish();
+  });
+}
+
+std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& x) {
+  Inputs in = prepare(x, std::nullopt, std::nullopt, std::nullopt, kTileElems);
+  TileStats st(in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stats_cpu", [&] {
+    batch_stats_kernel<scalar_t>(in, st);
+  });
+  return st.merge(in.layout);
+}
+
+}  // namespace
+}  // namespace fastres
+
+TORCH_LIBRARY_IMPL(fastres_native, CPU, m) {
+  m.impl("affine_act", &fastres::affine_act_cpu);
+  m.impl("affine_act_backward", &fastres::affine_act_backward_cpu);
+  m.impl("batch_stats", &fastres::batch_stats_cpu);
+}

@@ -1,0 +1,28 @@
+// The schemas of every fastres_native op (kernels: cpu/*.cpp, cuda/*.cu) and the Python module
+// fastres._C, whose import loads them. `fastres._C.built_with_cuda` says whether the CUDA kernels
+// were compiled in.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastres_native, m) {
+  m.def("affine_act(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, str act) -> Tensor");
+  m.def("affine_act_backward(Tensor grad, Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, "
+        "Tensor? out, str act, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_stats(Tensor x) -> (Tensor, Tensor)");
+}
+
+#ifdef FASTRES_WITH_CUDA
+constexpr bool kBuiltWithCuda = true;
+#else
+constexpr bool kBuiltWithCuda = false;
+#endif
+
+PyMODINIT_FUNC PyInit__C() {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "fastres._C", "fastres compiled kernels", -1, nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (mod && PyModule_AddObjectRef(mod, "built_with_cuda", kBuiltWithCuda ? Py_True : Py_False) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
