@@ -127,3 +127,29 @@ batch_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
 B.register("bn_act", "reference")(ref.bn_act)
 B.register("bn_act_backward", "reference")(ref.bn_act_backward)
 B.register("batch_stats", "reference")(ref.batch_stats)
+
+
+def _native_supports(x: Tensor, *tensors: Optional[Tensor]) -> Optional[str]:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return f"dtype {x.dtype} not supported"
+    if x.dim() != 4:
+        return f"expects a 4-D input, got {x.dim()}-D"
+    if any(t is not None and t.device != x.device for t in tensors):
+        return "tensors on different devices"
+    return None
+
+
+@B.register("bn_act", "native", supports=lambda x, *rest: _native_supports(x, *rest[:5]))
+def _bn_act_native(x, weight, bias, mean, invstd, residual, act):
+    return torch.ops.fastres_native.bn_act(x, weight, bias, mean, invstd, residual, act)
+
+
+@B.register("bn_act_backward", "native", supports=lambda grad, x, *rest: _native_supports(x, grad, *rest[:6]))
+def _bn_act_backward_native(grad, x, weight, bias, mean, invstd, residual, out, act, training, mask):
+    return tuple(torch.ops.fastres_native.bn_act_backward(
+        grad, x, weight, bias, mean, invstd, residual, out, act, training, mask))
+
+
+@B.register("batch_stats", "native", supports=lambda x: _native_supports(x))
+def _batch_stats_native(x):
+    return tuple(torch.ops.fastres_native.batch_stats(x))
