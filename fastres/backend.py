@@ -112,8 +112,10 @@ def register(op: str, backend: str, supports: Supports = lambda *a, **k: None):
     return deco
 
 
-def _backend_missing(backend: str, device: torch.device) -> Optional[str]:
+def _backend_missing(backend: str, device: torch.device, op: str) -> Optional[str]:
     if backend == "native":
+        if NATIVE_MISSING is None and not hasattr(torch.ops.fastres_native, op):
+            return f"the installed extension has no {op} kernel (stale build: reinstall fastres)"
         return NATIVE_MISSING
     if backend == "triton":
         return _triton_missing(device)
@@ -124,7 +126,7 @@ def _try(op: str, backend: str, device: torch.device, args) -> tuple[Optional[Im
     impl = _TABLES.get(op, {}).get(backend)
     if impl is None:
         return None, f"no {backend} kernel for {op}"
-    why = _backend_missing(backend, device) or impl.supports(*args)
+    why = _backend_missing(backend, device, op) or impl.supports(*args)
     return (None, why) if why else (impl, "")
 
 
