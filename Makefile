@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
-	$(PY) -m pytest bench -q --benchmark-quick
+	$(PY) -m pytest bench -q --quick
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-json=results/bench.json
