@@ -134,7 +134,7 @@ def test_conv2d(case, fusion):
     stats = _stats(x) if train else running
     args = (x, w, bias, [s, s], [p, p], [d, d], g, pw, pb, *stats, pre_act, train, addend, residual, act)
     assert_close(f(*tensors), _conv_ref(*args), name="forward")
-    assert torch.autograd.gradcheck(f, tensors)
+    assert torch.autograd.gradcheck(f, tensors, fast_mode=True)  # random projections: full Jacobians take ~30 s here
     opcheck(ops.conv2d.default, args + ("reference",))
 
 
