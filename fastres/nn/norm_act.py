@@ -52,7 +52,7 @@ def bn_args(bn: nn.Module) -> tuple[tuple, Optional[object]]:
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     group = None
-    if isinstance(bn, nn.SyncBatchNorm) and training and dist.is_available() and dist.is_initialized():
+    if hasattr(bn, "process_group") and training and dist.is_available() and dist.is_initialized():
         group = bn.process_group or dist.group.WORLD
         if dist.get_world_size(group) == 1:
             group = None
