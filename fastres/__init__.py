@@ -18,3 +18,4 @@ def __getattr__(name: str):
         import importlib
         return importlib.import_module("fastres.models")
     raise AttributeError(f"module 'fastres' has no attribute {name!r}")
+from fastres.memory import memory_report  # noqa: F401,E402
