@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import fastres
-from tests.utils import assert_as_accurate, assert_close
+from tests.utils import assert_as_accurate, assert_close, randomize_bn
 
 MODELS = [
     ("torchvision", "resnet50", "Bottleneck", 16),
@@ -23,8 +23,10 @@ MODELS = [
 
 
 def _build(lib, name):
+    """The model with non-trivial BN state: zero-initialised last BNs (timm) would hide whatever
+    follows them, e.g. an SE gate."""
     torch.manual_seed(0)
-    return getattr(torchvision.models, name)() if lib == "torchvision" else timm.create_model(name)
+    return randomize_bn(getattr(torchvision.models, name)() if lib == "torchvision" else timm.create_model(name))
 
 
 @pytest.mark.parametrize("lib, name, block, count", MODELS, ids=[m[1] for m in MODELS])

@@ -24,6 +24,19 @@ TOL = {
 GRAD_RTOL_L2 = {torch.bfloat16: 0.1, torch.float16: 0.02}
 
 
+def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BN state (affine parameters, running statistics) in every BN-like layer, so eval
+    folding is exercised and nothing hides behind zero-initialised last BNs."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "FrozenBatchNorm2d":
+            with torch.no_grad():
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def tol(dtype: torch.dtype, reduced: int = 1) -> tuple[float, float]:
     """(atol, rtol) for `dtype`; atol grows with sqrt of the number of terms reduced (dW, dB)."""
     atol, rtol = TOL[dtype]

@@ -21,7 +21,6 @@ from fastres.nn.se import from_timm_se
 
 class BasicBlock(tv.BasicBlock):
     backend: Optional[str] = None
-    se: Optional[nn.Module] = None
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
@@ -32,7 +31,6 @@ class BasicBlock(tv.BasicBlock):
 
 class Bottleneck(tv.Bottleneck):
     backend: Optional[str] = None
-    se: Optional[nn.Module] = None
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
@@ -43,11 +41,13 @@ class Bottleneck(tv.Bottleneck):
 
 
 def _last(block, out: Tensor, conv: nn.Conv2d, bn: nn.Module, identity: Tensor) -> Tensor:
-    """relu(bn(conv(out)) + identity), with the SE gate in the same pass when the block has one."""
-    if block.se is None:
+    """relu(bn(conv(out)) + identity), with the SE gate in the same pass when the block has an `se`
+    submodule (looked up in _modules: a class attribute would shadow it)."""
+    se = block._modules.get("se")
+    if se is None:
         return conv_bn(out, conv, bn, act="relu", residual=identity, backend=block.backend)
     out = conv_bn(out, conv, bn, act="identity", backend=block.backend)
-    return F.se_gate_act(out, block.se.gate_logits(out), residual=identity, act="relu", backend=block.backend)
+    return F.se_gate_act(out, se.gate_logits(out), residual=identity, act="relu", backend=block.backend)
 
 
 # ---- conversion from torchvision and timm ----------------------------------------------------

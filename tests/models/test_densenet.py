@@ -14,19 +14,9 @@ import fastres
 from fastres.models import densenet as builders
 from fastres.nn.densenet import DenseBlock, DenseLayer, Transition
 from tests.utils import assert_close
+from tests.utils import randomize_bn
 
 NAMES = ["densenet121", "densenet161", "densenet169", "densenet201"]
-
-
-def _randomize_bn(m: nn.Module) -> nn.Module:
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            with torch.no_grad():
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_(0, 0.3)
-                bn.running_mean.normal_(0, 0.3)
-                bn.running_var.uniform_(0.5, 1.5)
-    return m
 
 
 def _assert_every_block_converted(model: nn.Module, dense_blocks: int = 4) -> None:
@@ -54,7 +44,7 @@ def test_builder_keys_and_shapes_match_torchvision(name):
 
 
 def test_densenet121_loads_torchvision_weights_and_matches():
-    ref = _randomize_bn(tv.densenet121()).eval()
+    ref = randomize_bn(tv.densenet121()).eval()
     model = builders.densenet121()
     model.load_state_dict(ref.state_dict(), strict=True)
     model.eval()
@@ -64,7 +54,7 @@ def test_densenet121_loads_torchvision_weights_and_matches():
 
 
 def test_convert_densenet121_matches_and_reports_every_block():
-    ref = _randomize_bn(tv.densenet121()).eval()
+    ref = randomize_bn(tv.densenet121()).eval()
     model = fastres.convert(ref)
     _assert_every_block_converted(model)
     assert len([m for m in model.modules() if isinstance(m, DenseLayer)]) == 6 + 12 + 24 + 16
@@ -75,7 +65,7 @@ def test_convert_densenet121_matches_and_reports_every_block():
 
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["plain", "memory_efficient"])
 def test_small_densenet_train_step_matches_torchvision(memory_efficient):
-    src = _randomize_bn(tv.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
+    src = randomize_bn(tv.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
                                     num_classes=5, memory_efficient=memory_efficient))
     model, ref = fastres.convert(src).train(), copy.deepcopy(src).double().train()
     _assert_every_block_converted(model, dense_blocks=2)

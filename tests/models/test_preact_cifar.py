@@ -10,7 +10,7 @@ from fastres.models import cifar
 from fastres.models.preact import preact_resnet18, preact_resnet50
 from fastres.nn.preact import PreActBasicBlock, PreActBottleneck
 from fastres.nn.wide import WideBasic
-from tests.nn.test_preact import randomize_bn
+from tests.utils import randomize_bn
 from tests.utils import assert_close
 
 timm = pytest.importorskip("timm")

@@ -6,15 +6,7 @@ import torch
 import torch.nn as nn
 
 from tests.utils import assert_close
-
-
-def randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BN state so eval folding and the running-stat update are exercised."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
+from tests.utils import randomize_bn
 
 
 def round_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -15,6 +15,7 @@ from torchvision.models import densenet as tv
 import fastres
 from fastres.nn.densenet import DenseBlock, DenseLayer, Transition
 from tests.utils import assert_close
+from tests.utils import randomize_bn
 
 CL = torch.channels_last
 C0, GROWTH, BN_SIZE, LAYERS = 6, 4, 2, 3  # 6 and 4 channels: not multiples of 8
@@ -31,25 +32,12 @@ def _case_id(case) -> str:
     return f"{kind}-{n}x{h}x{w}"
 
 
-def _randomize_bn(m: nn.Module) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics."""
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            with torch.no_grad():
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_(0, 0.3)
-                bn.running_mean.normal_(0, 0.3)
-                bn.running_var.uniform_(0.5, 1.5)
-                bn.num_batches_tracked.fill_(3)
-    return m
-
-
 def _torchvision(kind: str, **kw) -> nn.Module:
     if kind == "layer":
-        return _randomize_bn(tv._DenseLayer(C0, GROWTH, BN_SIZE, **{"drop_rate": 0.0, **kw}))
+        return randomize_bn(tv._DenseLayer(C0, GROWTH, BN_SIZE, **{"drop_rate": 0.0, **kw}))
     if kind == "block":
-        return _randomize_bn(tv._DenseBlock(LAYERS, C0, BN_SIZE, GROWTH, **{"drop_rate": 0.0, **kw}))
-    return _randomize_bn(tv._Transition(C0, C0 // 2))
+        return randomize_bn(tv._DenseBlock(LAYERS, C0, BN_SIZE, GROWTH, **{"drop_rate": 0.0, **kw}))
+    return randomize_bn(tv._Transition(C0, C0 // 2))
 
 
 def _pair(kind: str, dtype: torch.dtype, **kw) -> tuple[nn.Module, nn.Module]:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import fastres
 from fastres.nn.preact import VARIANTS, PreActBasicBlock, PreActBottleneck
 from tests.utils import assert_close, assert_same_step
+from tests.utils import randomize_bn
 
 CL = torch.channels_last
 
@@ -57,16 +58,6 @@ class RefUnit(nn.Module):
         if v == "c":
             return relu(b(c(out))) + sc
         return b(c(out)) + sc  # d
-
-
-def randomize_bn(m: nn.Module) -> nn.Module:
-    """Non-trivial BN affine and running statistics, so eval mode is exercised."""
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            with torch.no_grad():
-                bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
-                bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 1.5)
-    return m
 
 
 def make_block(kind: str, cin: int, cout: int, stride: int, variant: str) -> nn.Module:

@@ -9,7 +9,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import fastres
 from fastres.nn import BasicBlock, Bottleneck
-from tests.utils import assert_same_step
+from tests.utils import assert_same_step, randomize_bn
 
 CL = torch.channels_last
 
@@ -21,12 +21,7 @@ def _pair(kind, inplanes, planes, stride=1, groups=1, base_width=64, norm=nn.Bat
     if stride != 1 or inplanes != out:
         ds = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), norm(out))
     ref = tv_cls(inplanes, planes, stride, ds, groups, base_width, 1, norm)
-    for m in ref.modules():  # non-trivial BN state so eval folding is exercised
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
+    randomize_bn(ref)
     new = fastres.convert(ref)
     assert type(new) is (BasicBlock if kind == "basic" else Bottleneck)
     return ref, new
@@ -104,3 +99,17 @@ def test_bad_input(bad, err, match):
     _, new = _pair("bottleneck", 16, 4)
     with pytest.raises(err, match=match):
         new(bad)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stage", [0, 1], ids=["first", "down"])
+def test_se_bottleneck_matches_timm(train, dtype, stage):
+    """timm's SE-ResNeXt block: the SE gate is fused with the residual add and ReLU."""
+    import timm
+    torch.manual_seed(0)
+    ref = randomize_bn(timm.create_model("seresnext26d_32x4d").get_submodule(f"layer{stage + 1}.0")).to(dtype)
+    new = fastres.convert(ref)
+    assert type(new) is Bottleneck and type(new.se).__name__ == "SqueezeExcite"
+    x = torch.randn(3, ref.conv1.in_channels, 8, 8, dtype=dtype)
+    assert_same_step(ref, new, x, train=train)

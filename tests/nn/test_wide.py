@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as TF
 
 from fastres.nn.wide import WideBasic
-from tests.nn.test_preact import randomize_bn
+from tests.utils import randomize_bn
 from tests.utils import assert_close, assert_same_step
 
 CL = torch.channels_last
