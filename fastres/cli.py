@@ -8,7 +8,12 @@ from typing import Callable, Optional
 
 import torch
 
-MODELS = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121")
+# name -> library it is built from (seeded random weights, never downloaded)
+MODELS = {
+    "resnet18": "torchvision", "resnet50": "torchvision", "resnext50_32x4d": "torchvision",
+    "wide_resnet50_2": "torchvision", "densenet121": "torchvision", "resnetv2_50": "timm",
+    "res2net50_26w_4s": "timm", "rexnet_100": "timm", "seresnext50_32x4d": "timm",
+}
 
 
 def _progress(msg: str) -> None:
@@ -29,7 +34,11 @@ def _time(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _torchvision(name: str) -> torch.nn.Module:
+def build(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if MODELS[name] == "timm":
+        import timm
+        return timm.create_model(name, pretrained=False)
     import torchvision
     return getattr(torchvision.models, name)()
 
@@ -39,7 +48,7 @@ def demo(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     device = torch.device(args.device)
     _progress(f"building torchvision {args.model} (seeded random weights) on {device}")
-    ref = _torchvision(args.model).eval().to(device).to(memory_format=torch.channels_last)
+    ref = build(args.model).eval().to(device).to(memory_format=torch.channels_last)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     model = fastres.convert(ref)
@@ -78,16 +87,78 @@ def demo(args: argparse.Namespace) -> int:
 
 def explain_cmd(args: argparse.Namespace) -> int:
     import fastres
-    model = fastres.convert(_torchvision(args.model).eval())
+    model = fastres.convert(build(args.model).eval())
     print(fastres.explain(model))
     return 0
+
+
+def _rel_error(a: torch.Tensor, oracle: torch.Tensor) -> float:
+    o = oracle.detach().double()
+    return (a.detach().double() - o).abs().max().item() / max(o.abs().max().item(), 1e-30)
+
+
+def validate_model(name: str, *, batch: int = 2, size: int = 64) -> list[tuple[str, float, float, bool]]:
+    """Per replaced block output, model output, input gradient and worst parameter gradient,
+    eval then train: (what, fastres error, eager error, pass). Errors are max abs / scale against
+    a float64 run of the same weights; a check passes when fastres is within the float32
+    tolerance (2e-5, the test suite's table) or within twice eager float32's own error."""
+    import copy
+
+    import fastres
+    ref = build(name)
+    model, ref64 = fastres.convert(ref), copy.deepcopy(ref).double()
+    paths = [p for p, _, _ in fastres.conversion_report(model).replaced if p]
+    x = torch.randn(batch, 3, size, size)
+    proj = None  # a fixed random projection of the output as the loss (a mean has ~zero gradients under BN)
+    rows = []
+    for train in (False, True):
+        mode = "train" if train else "eval"
+        runs = {}
+        for tag, m, xi in (("new", model, x), ("ref", ref, x), ("f64", ref64, x.double())):
+            m.train(train)
+            outs: dict = {}
+            hooks = [m.get_submodule(p).register_forward_hook(
+                lambda mod, i, o, p=p: outs.__setitem__(p, o.detach())) for p in paths]
+            xi = xi.clone().requires_grad_(train)
+            y = m(xi)
+            for h in hooks:
+                h.remove()
+            outs["output"] = y.detach()
+            if train:
+                if proj is None:
+                    proj = torch.randn(y.shape, dtype=torch.float64)
+                y.backward(proj.to(y.dtype))
+                outs["input grad"] = xi.grad
+                outs.update({f"grad {n}": p.grad for n, p in m.named_parameters() if p.grad is not None})
+            runs[tag] = outs
+        checks = [(k, _rel_error(runs["new"][k], runs["f64"][k]), _rel_error(runs["ref"][k], runs["f64"][k]))
+                  for k in runs["f64"] if k in runs["new"]]
+        grads = [c for c in checks if c[0].startswith("grad ")]
+        worst = [max(grads, key=lambda c: c[1] / max(2 * c[2], 2e-5))] if grads else []
+        for what, e_new, e_ref in [c for c in checks if not c[0].startswith("grad ")] + worst:
+            rows.append((f"{mode} {what}", e_new, e_ref, e_new <= max(2e-5, 2 * e_ref)))
+    return rows
+
+
+def validate(args: argparse.Namespace) -> int:
+    names = list(MODELS) if args.all else [args.model]
+    failed = 0
+    for name in names:
+        _progress(f"validating {name}")
+        rows = validate_model(name, batch=args.batch, size=args.size)
+        bad = [r for r in rows if not r[3]]
+        failed += bool(bad)
+        print(f"{name}: {'PASS' if not bad else 'FAIL'} ({len(rows)} checks)")
+        for what, e_new, e_ref, ok in (rows if args.verbose else bad):
+            print(f"  {what:<50} fastres {e_new:9.3g}  eager {e_ref:9.3g}  {'ok' if ok else 'FAIL'}")
+    return 1 if failed else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="fastres", description="fused kernels for the ResNet family")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="convert a torchvision model, check numerics, time it")
-    d.add_argument("--model", default="resnet50", choices=MODELS)
+    d.add_argument("--model", default="resnet50", choices=list(MODELS))
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--size", type=int, default=224)
     d.add_argument("--iters", type=int, default=5)
@@ -95,8 +166,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     d.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     d.set_defaults(fn=demo)
     e = sub.add_parser("explain", help="what runs where in a converted model, and why")
-    e.add_argument("model", choices=MODELS)
+    e.add_argument("model", choices=list(MODELS))
     e.set_defaults(fn=explain_cmd)
+    v = sub.add_parser("validate", help="convert, compare with eager forward and backward, per block")
+    g = v.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model", choices=list(MODELS))
+    g.add_argument("--all", action="store_true")
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--size", type=int, default=64)
+    v.add_argument("--verbose", action="store_true", help="print every check, not only failures")
+    v.set_defaults(fn=validate)
     args = p.parse_args(argv)
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
         p.error("CUDA was asked for but no CUDA device is available")
