@@ -16,6 +16,7 @@
 #define FASTRES_HD inline
 #include <ATen/cpu/vec/vec.h>
 #endif
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
 namespace fastres {
@@ -93,3 +94,14 @@ decltype(auto) dispatch_act(Act a, F&& f) {
 }
 
 }  // namespace fastres
+
+// Runs the statements `...` with scalar_t bound to `dtype` (fp32, fp64, fp16, bf16).
+#define FASTRES_DISPATCH_TYPES(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, [&] { __VA_ARGS__; })
+
+// Likewise, with `constexpr Act kAct` bound to the activation `act` as well.
+#define FASTRES_DISPATCH(dtype, act, name, ...)                                              \
+  FASTRES_DISPATCH_TYPES(dtype, name, ::fastres::dispatch_act(act, [&](auto act_c_) {        \
+    constexpr ::fastres::Act kAct = decltype(act_c_)::value;                                \
+    __VA_ARGS__;                                                                             \
+  }))

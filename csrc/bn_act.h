@@ -1,6 +1,6 @@
-// Host-side pieces of the affine_act / batch_stats kernels shared by the CPU and CUDA files:
-// argument checks, the memory layout the kernels iterate in, and the final per-channel
-// reductions of per-tile partial results (done with ATen ops on small tensors).
+// Host-side pieces of the bn_act / bn_act_backward / batch_stats kernels shared by the CPU and CUDA
+// files: argument checks, the per-channel scale/shift, the memory layout the kernels iterate in,
+// and the per-channel reductions of per-tile partial results (ATen ops on small tensors).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +13,8 @@ namespace fastres {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+
+inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 // A contiguous 4-D tensor cut into tiles that the kernels process independently: an NCHW tile is
 // one (n, c) plane of HW elements (one channel); a channels_last tile is `rows` pixels of C
@@ -36,9 +38,11 @@ struct Layout {
 
 // The inputs of one call, in one memory format (x's own when it is a contiguous one; a copy is
 // made only for other strides, or for a residual/grad/out in a different format), with the
-// per-channel vectors as contiguous opmath tensors (ones/zeros when absent).
+// per-channel vectors as contiguous opmath tensors:
+//   z = x * scale + shift (+ residual),  scale = invstd * weight,  shift = bias - mean * scale,
+// mean 0, invstd 1, weight 1, bias 0 where absent (which reproduces the reference's values exactly).
 struct Inputs {
-  Tensor x, scale, shift, residual;
+  Tensor x, residual, scale, shift, mean, invstd;
   Layout layout;
   at::MemoryFormat format;
   at::ScalarType opmath;
@@ -53,22 +57,25 @@ struct Inputs {
 
 inline Tensor channel_vector(const OptTensor& v, const Tensor& x, at::ScalarType opmath, double fill, const char* name) {
   const int64_t C = x.size(1);
-  if (!v.has_value() || !v->defined()) return at::full({C}, fill, x.options().dtype(opmath));
+  if (!present(v)) return at::full({C}, fill, x.options().dtype(opmath));
   TORCH_CHECK(v->numel() == C, "fastres: ", name, " must have one value per channel (", C, "), got ", v->numel());
+  TORCH_CHECK(v->device() == x.device(), "fastres: ", name, " must be on x's device ", x.device());
   return v->reshape({C}).to(opmath).contiguous();
 }
 
-inline Inputs prepare(const Tensor& x_, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
-                      int64_t rows_per_tile) {
+inline Inputs prepare(const Tensor& x_, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
+                      const OptTensor& invstd, const OptTensor& residual, int64_t rows_per_tile) {
   TORCH_CHECK(x_.dim() == 4, "fastres: expects a 4-D (N, C, H, W) input, got ", x_.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x_.scalar_type()), "fastres: expects a floating input, got ", x_.scalar_type());
   Inputs in;
   in.format = x_.suggest_memory_format();
   in.x = x_.contiguous(in.format);
   in.opmath = at::toOpMathType(x_.scalar_type());
-  in.scale = channel_vector(scale, in.x, in.opmath, 1.0, "scale");
-  in.shift = channel_vector(shift, in.x, in.opmath, 0.0, "shift");
-  if (residual.has_value() && residual->defined()) in.residual = in.like_x(*residual, "residual");
+  in.mean = channel_vector(mean, in.x, in.opmath, 0.0, "mean");
+  in.invstd = channel_vector(invstd, in.x, in.opmath, 1.0, "invstd");
+  in.scale = in.invstd * channel_vector(weight, in.x, in.opmath, 1.0, "weight");
+  in.shift = channel_vector(bias, in.x, in.opmath, 0.0, "bias") - in.mean * in.scale;
+  if (present(residual)) in.residual = in.like_x(*residual, "residual");
   const int64_t C = in.x.size(1);
   in.layout = Layout{in.format == at::MemoryFormat::ChannelsLast, in.x.size(0), C, in.x.size(2) * in.x.size(3),
                      std::max<int64_t>(1, rows_per_tile / std::max<int64_t>(C, 1))};
@@ -80,9 +87,7 @@ inline Tensor partial_buffer(const Inputs& in) {
   return at::zeros({in.layout.tiles() * in.layout.width()}, in.x.options().dtype(in.opmath));
 }
 
-inline Tensor channel_sum(const Tensor& partial, const Layout& L, at::ScalarType dtype) {
-  return partial.view({-1, L.C}).sum(0).to(dtype);
-}
+inline Tensor channel_sum(const Tensor& partial, const Layout& L) { return partial.view({-1, L.C}).sum(0); }
 
 // Per-tile statistics from the batch_stats kernels: an approximate tile mean, the sum of the
 // deviations from it and the sum of their squares.
@@ -106,29 +111,58 @@ struct TileStats {
   }
 };
 
-// Grads of (x, residual, scale, shift) that the backward kernels fill; empty where not asked for.
-struct Grads {
-  Tensor gx, gres, gscale_partial, gshift_partial;
-  bool need_scale, need_shift;
+// The backward in two passes over the data. With gz = dL/dz and xhat = (x - mean) * invstd:
+//   pass 1 (reduction): per-tile partial sums of S0 = Σ gz and of Σ gz * (x - mean) (times invstd
+//     once summed: S1 = Σ gz * xhat), and the elementwise grads: residual (gz) and, without
+//     `training`, x (gz * scale);
+//   pass 2 (only for the x grad with `training`): gx = scale * (gz - k0 - (x - mean) * k1) with
+//     k0 = S0 / n, k1 = S1 * invstd / n, n = N*H*W, gz recomputed.
+// grad weight = S1, grad bias = S0. Outputs not asked for are left undefined (empty in result()).
+struct Backward {
+  Tensor gx, gres, s0_partial, s1_partial, s0, s1, k0, k1;
+  bool training, need_w, need_b;
 
-  Grads(const Inputs& in, const Tensor& grad, const c10::List<bool>& mask, const OptTensor& scale,
-        const OptTensor& shift) {
+  Backward(const Inputs& in, const c10::List<bool>& mask, const OptTensor& weight, const OptTensor& bias,
+           bool training_)
+      : training(training_) {
     TORCH_CHECK(mask.size() == 4, "fastres: output_mask must have 4 entries, got ", mask.size());
-    need_scale = mask[2] && scale.has_value() && scale->defined();
-    need_shift = mask[3] && shift.has_value() && shift->defined();
+    need_w = mask[2] && present(weight);
+    need_b = mask[3] && present(bias);
     if (mask[0]) gx = at::empty_like(in.x);
     if (mask[1]) gres = at::empty_like(in.x);
-    if (need_scale) gscale_partial = partial_buffer(in);
-    if (need_shift) gshift_partial = partial_buffer(in);
+    if (need_b || second_pass()) s0_partial = partial_buffer(in);
+    if (need_w || second_pass()) s1_partial = partial_buffer(in);
   }
 
-  std::tuple<Tensor, Tensor, Tensor, Tensor> result(const Inputs& in, const Tensor& grad, const OptTensor& scale,
-                                                    const OptTensor& shift) const {
-    Tensor empty = at::empty({0}, grad.options());
-    return {gx.defined() ? gx : empty, gres.defined() ? gres : empty,
-            need_scale ? channel_sum(gscale_partial, in.layout, scale->scalar_type()) : empty,
-            need_shift ? channel_sum(gshift_partial, in.layout, shift->scalar_type()) : empty};
+  bool second_pass() const { return gx.defined() && training; }
+  bool direct_gx() const { return gx.defined() && !training; }
+
+  // Between the passes: per-channel totals, and the coefficients of pass 2.
+  void reduce(const Inputs& in) {
+    if (s0_partial.defined()) s0 = channel_sum(s0_partial, in.layout);
+    if (s1_partial.defined()) {  // an empty sum stays 0, as the reference's, whatever invstd is
+      s1 = channel_sum(s1_partial, in.layout);
+      if (in.layout.pixels() > 0) s1 = s1 * in.invstd;
+    }
+    if (!second_pass()) return;
+    const double n = double(std::max<int64_t>(in.layout.pixels(), 1));
+    k0 = (s0 / n).contiguous();
+    k1 = (s1 * in.invstd / n).contiguous();
+  }
+
+  std::tuple<Tensor, Tensor, Tensor, Tensor> result(const Tensor& grad, const OptTensor& weight,
+                                                    const OptTensor& bias) const {
+    auto empty = [&] { return at::empty({0}, grad.options()); };
+    return {gx.defined() ? gx : empty(), gres.defined() ? gres : empty(),
+            need_w ? s1.to(weight->scalar_type()) : empty(), need_b ? s0.to(bias->scalar_type()) : empty()};
   }
 };
+
+// The checked saved output `out` that the relu family reads its mask from (undefined otherwise).
+inline Tensor saved_output(const Inputs& in, const OptTensor& out, bool needed) {
+  if (!needed) return {};
+  TORCH_CHECK(present(out), "fastres: bn_act_backward needs the saved output for relu and relu6");
+  return in.like_x(*out, "out");
+}
 
 }  // namespace fastres

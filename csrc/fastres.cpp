@@ -5,9 +5,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastres_native, m) {
-  m.def("affine_act(Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, str act) -> Tensor");
-  m.def("affine_act_backward(Tensor grad, Tensor x, Tensor? scale, Tensor? shift, Tensor? residual, "
-        "Tensor? out, str act, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("bn_act(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? invstd, Tensor? residual, "
+        "str act) -> Tensor");
+  m.def("bn_act_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? invstd, "
+        "Tensor? residual, Tensor? out, str act, bool training, bool[] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_stats(Tensor x) -> (Tensor, Tensor)");
 }
 

@@ -1,4 +1,4 @@
-// CPU kernels of fastres_native::affine_act, affine_act_backward and batch_stats.
+// CPU kernels of fastres_native::bn_act, bn_act_backward and batch_stats.
 //
 // Every kernel walks the input in its own memory format (see Layout in bn_act.h): an NCHW plane
 // broadcasts its channel's scale/shift, a channels_last row loads them as vectors. Data is loaded
@@ -119,9 +119,9 @@ C10_ALWAYS_INLINE void for_each_step(const Layout& L, int64_t t, F&& f) {
 template <typename T>
 const T* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
 
-// ---- affine_act ----------------------------------------------------------------------------------
+// ---- bn_act --------------------------------------------------------------------------------------
 template <typename T, Act A>
-void affine_act_kernel(const Inputs& in, Tensor& y) {
+void bn_act_kernel(const Inputs& in, Tensor& y) {
   using IO = Io<T>;
   using O = typename IO::O;
   const Layout& L = in.layout;
@@ -146,21 +146,21 @@ void affine_act_kernel(const Inputs& in, Tensor& y) {
   });
 }
 
-Tensor affine_act_cpu(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
-                      c10::string_view act) {
-  Inputs in = prepare(x, scale, shift, residual, kTileElems);
+Tensor bn_act_cpu(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
+                  const OptTensor& invstd, const OptTensor& residual, c10::string_view act) {
+  Inputs in = prepare(x, weight, bias, mean, invstd, residual, kTileElems);
   Tensor y = at::empty_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_act_cpu", [&] {
-    dispatch_act(parse_act(std::string(act)), [&](auto a) { affine_act_kernel<scalar_t, decltype(a)::value>(in, y); });
-  });
+  FASTRES_DISPATCH(x.scalar_type(), parse_act(std::string(act)), "bn_act_cpu", bn_act_kernel<scalar_t, kAct>(in, y));
   return y;
 }
 
-// ---- affine_act_backward -------------------------------------------------------------------------
+// ---- bn_act_backward -----------------------------------------------------------------------------
+// The two passes of Backward (bn_act.h); each tile's per-channel vectors start at offset c.
 template <typename T, Act A>
-void affine_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& saved_out, Grads& g) {
+void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& saved_out, Backward& g) {
   using IO = Io<T>;
   using O = typename IO::O;
+  using Pack = typename IO::Pack;
   const Layout& L = in.layout;
   const T* dy = grad.const_data_ptr<T>();
   const T* x = in.x.const_data_ptr<T>();
@@ -168,62 +168,86 @@ void affine_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tens
   const T* y = ptr_or_null<T>(saved_out);
   const O* scale = in.scale.const_data_ptr<O>();
   const O* shift = in.shift.const_data_ptr<O>();
-  T* gx = g.gx.defined() ? g.gx.mutable_data_ptr<T>() : nullptr;
+  const O* mean = in.mean.const_data_ptr<O>();
+  T* gx = g.direct_gx() ? g.gx.mutable_data_ptr<T>() : nullptr;
   T* gres = g.gres.defined() ? g.gres.mutable_data_ptr<T>() : nullptr;
-  O* dscale = g.need_scale ? g.gscale_partial.mutable_data_ptr<O>() : nullptr;
-  O* dshift = g.need_shift ? g.gshift_partial.mutable_data_ptr<O>() : nullptr;
-  const bool load_x = needs_input(A) || dscale;
+  O* s0 = g.s0_partial.defined() ? g.s0_partial.mutable_data_ptr<O>() : nullptr;
+  O* s1 = g.s1_partial.defined() ? g.s1_partial.mutable_data_ptr<O>() : nullptr;
+
+  // dL/dz for the step (i, j, n); xv holds x there when the activation needs it.
+  auto grad_z = [&](int64_t i, int64_t j, int64_t n, int64_t c, const Pack& xv) C10_ALWAYS_INLINE_ATTRIBUTE {
+    Pack gz = IO::load(dy + i, n);
+    if constexpr (needs_input(A)) {
+      auto s = IO::chan(scale + c, L.cl, j, n), b = IO::chan(shift + c, L.cl, j, n);
+      Pack rv;
+      if (r) rv = IO::load(r + i, n);
+      for (int k = 0; k < IO::kParts; ++k) {
+        auto z = xv[k] * s[k] + b[k];
+        gz[k] = act_backward<A>(gz[k], r ? z + rv[k] : z);
+      }
+    } else if constexpr (A != Act::Identity) {
+      Pack v = IO::load(y + i, n);
+      for (int k = 0; k < IO::kParts; ++k) gz[k] = act_backward<A>(gz[k], v[k]);
+    }
+    return gz;
+  };
+
+  const bool load_x = needs_input(A) || s1;
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C, row = t * L.width();
-    TileSum<T> sum_gx(dscale ? dscale + row : nullptr, L.cl), sum_g(dshift ? dshift + row : nullptr, L.cl);
+    TileSum<T> sum0(s0 ? s0 + row : nullptr, L.cl), sum1(s1 ? s1 + row : nullptr, L.cl);
     for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) {
-      auto gz = IO::load(dy + i, n);
-      auto s = IO::chan(scale + c, L.cl, j, n);
-      typename IO::Pack xv, v;
+      Pack xv;
       if (load_x) xv = IO::load(x + i, n);
-      if constexpr (needs_input(A)) {
-        auto b = IO::chan(shift + c, L.cl, j, n);
-        typename IO::Pack rv;
-        if (r) rv = IO::load(r + i, n);
-        for (int k = 0; k < IO::kParts; ++k) v[k] = r ? xv[k] * s[k] + b[k] + rv[k] : xv[k] * s[k] + b[k];
-      } else if constexpr (A != Act::Identity) {
-        v = IO::load(y + i, n);
-      }
-      for (int k = 0; k < IO::kParts; ++k) gz[k] = act_backward<A>(gz[k], v[k]);
+      Pack gz = grad_z(i, j, n, c, xv);
       if (gres) IO::store(gres + i, gz, n);
-      if (dshift) sum_g.add(gz, j, n);
-      if (dscale) {
-        typename IO::Pack p;
-        for (int k = 0; k < IO::kParts; ++k) p[k] = gz[k] * xv[k];
-        sum_gx.add(p, j, n);
+      if (s0) sum0.add(gz, j, n);
+      if (s1) {
+        auto m = IO::chan(mean + c, L.cl, j, n);
+        Pack p;
+        for (int k = 0; k < IO::kParts; ++k) p[k] = gz[k] * (xv[k] - m[k]);
+        sum1.add(p, j, n);
       }
       if (gx) {
+        auto s = IO::chan(scale + c, L.cl, j, n);
         for (int k = 0; k < IO::kParts; ++k) gz[k] = gz[k] * s[k];
         IO::store(gx + i, gz, n);
       }
     });
-    if (dscale) sum_gx.finish();
-    if (dshift) sum_g.finish();
+    if (s0) sum0.finish();
+    if (s1) sum1.finish();
+  });
+
+  g.reduce(in);
+  if (!g.second_pass()) return;
+  T* gxt = g.gx.mutable_data_ptr<T>();
+  const O* k0 = g.k0.const_data_ptr<O>();
+  const O* k1 = g.k1.const_data_ptr<O>();
+  for_each_tile(L, [&](int64_t t) {
+    const int64_t c = L.cl ? 0 : t % L.C;
+    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) {
+      Pack xv = IO::load(x + i, n);
+      Pack gz = grad_z(i, j, n, c, xv);
+      auto s = IO::chan(scale + c, L.cl, j, n), m = IO::chan(mean + c, L.cl, j, n);
+      auto a0 = IO::chan(k0 + c, L.cl, j, n), a1 = IO::chan(k1 + c, L.cl, j, n);
+      for (int k = 0; k < IO::kParts; ++k) gz[k] = s[k] * (gz[k] - a0[k] - (xv[k] - m[k]) * a1[k]);
+      IO::store(gxt + i, gz, n);
+    });
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cpu(
-    const Tensor& grad_, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
-    const OptTensor& out, c10::string_view act_name, const c10::List<bool>& output_mask) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cpu(
+    const Tensor& grad_, const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
+    const OptTensor& invstd, const OptTensor& residual, const OptTensor& out, c10::string_view act_name,
+    bool training, const c10::List<bool>& output_mask) {
   const Act act = parse_act(std::string(act_name));
-  Inputs in = prepare(x, scale, shift, residual, kTileElems);
+  Inputs in = prepare(x, weight, bias, mean, invstd, residual, kTileElems);
   Tensor grad = in.like_x(grad_, "grad");
-  Tensor saved_out;
-  if (act == Act::Relu || act == Act::Relu6) {
-    TORCH_CHECK(out.has_value() && out->defined(), "fastres: affine_act_backward needs the saved output for ",
-                act_name);
-    saved_out = in.like_x(*out, "out");
-  }
-  Grads g(in, grad, output_mask, scale, shift);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_act_backward_cpu", [&] {
-    dispatch_act(act, [&](auto a) { affine_act_backward_kernel<scalar_t, decltype(a)::value>(in, grad, saved_out, g); });
-  });
-  return g.result(in, grad_, scale, shift);
+  Tensor saved_out = saved_output(in, out, act == Act::Relu || act == Act::Relu6);
+  Backward g(in, output_mask, weight, bias, training);
+  FASTRES_DISPATCH(x.scalar_type(), act, "bn_act_backward_cpu",
+                   bn_act_backward_kernel<scalar_t, kAct>(in, grad, saved_out, g));
+  return g.result(grad_, weight, bias);
 }
 
 // ---- batch_stats ---------------------------------------------------------------------------------
@@ -259,11 +283,9 @@ void batch_stats_kernel(const Inputs& in, TileStats& st) {
 }
 
 std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& x) {
-  Inputs in = prepare(x, std::nullopt, std::nullopt, std::nullopt, kTileElems);
+  Inputs in = prepare(x, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, kTileElems);
   TileStats st(in);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stats_cpu", [&] {
-    batch_stats_kernel<scalar_t>(in, st);
-  });
+  FASTRES_DISPATCH_TYPES(x.scalar_type(), "batch_stats_cpu", batch_stats_kernel<scalar_t>(in, st));
   return st.merge(in.layout);
 }
 
@@ -271,7 +293,7 @@ std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& x) {
 }  // namespace fastres
 
 TORCH_LIBRARY_IMPL(fastres_native, CPU, m) {
-  m.impl("affine_act", &fastres::affine_act_cpu);
-  m.impl("affine_act_backward", &fastres::affine_act_backward_cpu);
+  m.impl("bn_act", &fastres::bn_act_cpu);
+  m.impl("bn_act_backward", &fastres::bn_act_backward_cpu);
   m.impl("batch_stats", &fastres::batch_stats_cpu);
 }

@@ -1,10 +1,11 @@
-// CUDA kernels of fastres_native::affine_act, affine_act_backward and batch_stats.
+// CUDA kernels of fastres_native::bn_act, bn_act_backward and batch_stats.
 //
-// The forward is a grid-stride elementwise kernel; the channel of element i follows from the
-// layout (innermost for channels_last, constant over a plane for NCHW). The backward and the
-// statistics run one block per tile (see Layout in bn_act.h): an NCHW plane is reduced across
-// the block, a channels_last tile gives each thread whole channels. Per-tile partial results
-// are combined by ATen ops in bn_act.h. Math in opmath (fp32 for fp16/bf16).
+// The forward and the backward's x-grad pass are grid-stride elementwise kernels; the channel of
+// element i follows from the layout (innermost for channels_last, constant over a plane for NCHW).
+// The backward's reduction pass and the statistics run one block per tile (see Layout in
+// bn_act.h): an NCHW plane is reduced across the block, a channels_last tile gives each thread
+// whole channels. Per-tile partial results are combined by ATen ops in bn_act.h. Math in opmath
+// (fp32 for fp16/bf16).
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -44,9 +45,9 @@ template <typename T>
 struct Args {
   using O = at::opmath_type<T>;
   const T *x, *r, *y, *dy;
-  const O *scale, *shift;
+  const O *scale, *shift, *mean, *k0, *k1;
   T *out, *gx, *gres;
-  O *dscale, *dshift;
+  O *s0, *s1;
   int64_t C, HW, pixels, rows;
   bool cl;
 };
@@ -65,6 +66,7 @@ Args<T> make_args(const Inputs& in) {
   a.r = ptr_or_null<T>(in.residual);
   a.scale = in.scale.const_data_ptr<O>();
   a.shift = in.shift.const_data_ptr<O>();
+  a.mean = in.mean.const_data_ptr<O>();
   a.C = L.C, a.HW = L.HW, a.pixels = L.pixels(), a.rows = L.rows, a.cl = L.cl;
   return a;
 }
@@ -72,9 +74,9 @@ Args<T> make_args(const Inputs& in) {
 // Grid-stride loops: enough blocks to fill any current GPU, the loop covers the rest.
 int grid_for(int64_t n) { return int(std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)); }
 
-// ---- affine_act ----------------------------------------------------------------------------------
+// ---- bn_act --------------------------------------------------------------------------------------
 template <typename T, Act A>
-__global__ void affine_act_kernel(Args<T> a, int64_t n) {
+__global__ void bn_act_kernel(Args<T> a, int64_t n) {
   using O = at::opmath_type<T>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = channel_of(i, a.cl, a.C, a.HW);
@@ -84,102 +86,118 @@ __global__ void affine_act_kernel(Args<T> a, int64_t n) {
   }
 }
 
-Tensor affine_act_cuda(const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
-                       c10::string_view act) {
+Tensor bn_act_cuda(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
+                   const OptTensor& invstd, const OptTensor& residual, c10::string_view act) {
   c10::cuda::CUDAGuard guard(x.device());
-  Inputs in = prepare(x, scale, shift, residual, kTileElems);
+  Inputs in = prepare(x, weight, bias, mean, invstd, residual, kTileElems);
   Tensor y = at::empty_like(in.x);
   const int64_t n = in.x.numel();
   if (n == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_act_cuda", [&] {
+  FASTRES_DISPATCH(x.scalar_type(), parse_act(std::string(act)), "bn_act_cuda", {
     Args<scalar_t> a = make_args<scalar_t>(in);
     a.out = y.mutable_data_ptr<scalar_t>();
-    dispatch_act(parse_act(std::string(act)), [&](auto act_c) {
-      affine_act_kernel<scalar_t, decltype(act_c)::value>
-          <<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    bn_act_kernel<scalar_t, kAct><<<grid_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }
 
-// ---- affine_act_backward -------------------------------------------------------------------------
-// dL/dz at element i: writes the x and residual grads, adds to the per-channel sums.
-template <Act A, typename T, typename O>
-__device__ __forceinline__ void backward_elem(const Args<T>& a, int64_t i, O s, O b, O& sum_gx, O& sum_g) {
+// ---- bn_act_backward -----------------------------------------------------------------------------
+// The two passes of Backward (bn_act.h).
+template <Act A, typename T>
+__device__ __forceinline__ at::opmath_type<T> grad_z(const Args<T>& a, int64_t i, int64_t c) {
+  using O = at::opmath_type<T>;
   O gz = O(a.dy[i]);
   if constexpr (needs_input(A)) {
-    O z = O(a.x[i]) * s + b;
+    O z = O(a.x[i]) * a.scale[c] + a.shift[c];
     if (a.r) z += O(a.r[i]);
     gz = act_backward<A>(gz, z);
   } else if constexpr (A != Act::Identity) {
     gz = act_backward<A>(gz, O(a.y[i]));
   }
-  if (a.gx) a.gx[i] = T(gz * s);
+  return gz;
+}
+
+// Pass 1 at element i of channel c: the elementwise grads, and the terms of the channel's sums.
+template <Act A, typename T, typename O>
+__device__ __forceinline__ void reduce_elem(const Args<T>& a, int64_t i, int64_t c, O& s0, O& s1) {
+  const O gz = grad_z<A>(a, i, c);
   if (a.gres) a.gres[i] = T(gz);
-  if (a.dscale) sum_gx += gz * O(a.x[i]);
-  sum_g += gz;
+  if (a.gx) a.gx[i] = T(gz * a.scale[c]);
+  s0 += gz;
+  if (a.s1) s1 += gz * (O(a.x[i]) - a.mean[c]);
 }
 
 template <typename T, Act A>
-__global__ void affine_act_backward_kernel(Args<T> a) {
+__global__ void bn_act_reduce_kernel(Args<T> a) {
   using O = at::opmath_type<T>;
   const int64_t t = blockIdx.x;
   if (!a.cl) {  // one plane, one channel: reduce over the block
     const int64_t c = t % a.C;
-    O sum_gx = 0, sum_g = 0;
-    for (int64_t k = threadIdx.x; k < a.HW; k += blockDim.x)
-      backward_elem<A>(a, t * a.HW + k, a.scale[c], a.shift[c], sum_gx, sum_g);
-    if (a.dscale) sum_gx = block_sum(sum_gx);
-    if (a.dshift) sum_g = block_sum(sum_g);
+    O s0 = 0, s1 = 0;
+    for (int64_t k = threadIdx.x; k < a.HW; k += blockDim.x) reduce_elem<A>(a, t * a.HW + k, c, s0, s1);
+    if (a.s0) s0 = block_sum(s0);
+    if (a.s1) s1 = block_sum(s1);
     if (threadIdx.x == 0) {
-      if (a.dscale) a.dscale[t] = sum_gx;
-      if (a.dshift) a.dshift[t] = sum_g;
+      if (a.s0) a.s0[t] = s0;
+      if (a.s1) a.s1[t] = s1;
     }
     return;
   }
   const int64_t p0 = t * a.rows, p1 = min(p0 + a.rows, a.pixels);
   for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) {  // whole channels per thread
-    O sum_gx = 0, sum_g = 0;
-    for (int64_t p = p0; p < p1; ++p) backward_elem<A>(a, p * a.C + c, a.scale[c], a.shift[c], sum_gx, sum_g);
-    if (a.dscale) a.dscale[t * a.C + c] = sum_gx;
-    if (a.dshift) a.dshift[t * a.C + c] = sum_g;
+    O s0 = 0, s1 = 0;
+    for (int64_t p = p0; p < p1; ++p) reduce_elem<A>(a, p * a.C + c, c, s0, s1);
+    if (a.s0) a.s0[t * a.C + c] = s0;
+    if (a.s1) a.s1[t * a.C + c] = s1;
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> affine_act_backward_cuda(
-    const Tensor& grad_, const Tensor& x, const OptTensor& scale, const OptTensor& shift, const OptTensor& residual,
-    const OptTensor& out, c10::string_view act_name, const c10::List<bool>& output_mask) {
+template <typename T, Act A>
+__global__ void bn_act_grad_x_kernel(Args<T> a, int64_t n) {
+  using O = at::opmath_type<T>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t c = channel_of(i, a.cl, a.C, a.HW);
+    const O gz = grad_z<A>(a, i, c);
+    a.gx[i] = T(a.scale[c] * (gz - a.k0[c] - (O(a.x[i]) - a.mean[c]) * a.k1[c]));
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_backward_cuda(
+    const Tensor& grad_, const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
+    const OptTensor& invstd, const OptTensor& residual, const OptTensor& out, c10::string_view act_name,
+    bool training, const c10::List<bool>& output_mask) {
   c10::cuda::CUDAGuard guard(x.device());
   const Act act = parse_act(std::string(act_name));
-  Inputs in = prepare(x, scale, shift, residual, kTileElems);
+  Inputs in = prepare(x, weight, bias, mean, invstd, residual, kTileElems);
   Tensor grad = in.like_x(grad_, "grad");
-  Tensor saved_out;
-  if (act == Act::Relu || act == Act::Relu6) {
-    TORCH_CHECK(out.has_value() && out->defined(), "fastres: affine_act_backward needs the saved output for ",
-                act_name);
-    saved_out = in.like_x(*out, "out");
-  }
-  Grads g(in, grad, output_mask, scale, shift);
-  const int64_t tiles = in.layout.tiles();
-  if (tiles > 0 && in.x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_act_backward_cuda", [&] {
-      using O = at::opmath_type<scalar_t>;
-      Args<scalar_t> a = make_args<scalar_t>(in);
-      a.dy = grad.const_data_ptr<scalar_t>();
-      a.y = ptr_or_null<scalar_t>(saved_out);
-      a.gx = mut_or_null<scalar_t>(g.gx);
-      a.gres = mut_or_null<scalar_t>(g.gres);
-      a.dscale = mut_or_null<O>(g.gscale_partial);
-      a.dshift = mut_or_null<O>(g.gshift_partial);
-      dispatch_act(act, [&](auto act_c) {
-        affine_act_backward_kernel<scalar_t, decltype(act_c)::value>
-            <<<unsigned(tiles), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
-  }
-  return g.result(in, grad_, scale, shift);
+  Tensor saved_out = saved_output(in, out, act == Act::Relu || act == Act::Relu6);
+  Backward g(in, output_mask, weight, bias, training);
+  const int64_t tiles = in.layout.tiles(), n = in.x.numel();
+  FASTRES_DISPATCH(x.scalar_type(), act, "bn_act_backward_cuda", {
+    using O = at::opmath_type<scalar_t>;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    Args<scalar_t> a = make_args<scalar_t>(in);
+    a.dy = grad.const_data_ptr<scalar_t>();
+    a.y = ptr_or_null<scalar_t>(saved_out);
+    a.gx = g.direct_gx() ? g.gx.mutable_data_ptr<scalar_t>() : nullptr;
+    a.gres = mut_or_null<scalar_t>(g.gres);
+    a.s0 = mut_or_null<O>(g.s0_partial);
+    a.s1 = mut_or_null<O>(g.s1_partial);
+    if (tiles > 0 && n > 0) {
+      bn_act_reduce_kernel<scalar_t, kAct><<<unsigned(tiles), kThreads, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    g.reduce(in);
+    if (g.second_pass() && n > 0) {
+      a.gx = g.gx.mutable_data_ptr<scalar_t>();
+      a.k0 = g.k0.const_data_ptr<O>();
+      a.k1 = g.k1.const_data_ptr<O>();
+      bn_act_grad_x_kernel<scalar_t, kAct><<<grid_for(n), kThreads, 0, stream>>>(a, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return g.result(grad_, weight, bias);
 }
 
 // ---- batch_stats ---------------------------------------------------------------------------------
@@ -222,11 +240,11 @@ __global__ void batch_stats_kernel(const T* x, at::opmath_type<T>* mean, at::opm
 
 std::tuple<Tensor, Tensor> batch_stats_cuda(const Tensor& x) {
   c10::cuda::CUDAGuard guard(x.device());
-  Inputs in = prepare(x, std::nullopt, std::nullopt, std::nullopt, kTileElems);
+  Inputs in = prepare(x, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, kTileElems);
   TileStats st(in);
   const Layout& L = in.layout;
   if (L.tiles() > 0 && in.x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_stats_cuda", [&] {
+    FASTRES_DISPATCH_TYPES(x.scalar_type(), "batch_stats_cuda", {
       using O = at::opmath_type<scalar_t>;
       batch_stats_kernel<scalar_t><<<unsigned(L.tiles()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           in.x.const_data_ptr<scalar_t>(), st.mean.mutable_data_ptr<O>(), st.dev.mutable_data_ptr<O>(),
@@ -241,7 +259,7 @@ std::tuple<Tensor, Tensor> batch_stats_cuda(const Tensor& x) {
 }  // namespace fastres
 
 TORCH_LIBRARY_IMPL(fastres_native, CUDA, m) {
-  m.impl("affine_act", &fastres::affine_act_cuda);
-  m.impl("affine_act_backward", &fastres::affine_act_backward_cuda);
+  m.impl("bn_act", &fastres::bn_act_cuda);
+  m.impl("bn_act_backward", &fastres::bn_act_backward_cuda);
   m.impl("batch_stats", &fastres::batch_stats_cuda);
 }
