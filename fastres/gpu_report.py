@@ -1,0 +1,225 @@
+"""Compile every Triton kernel variant the launchers can pick for sm_80 and sm_90 without a GPU, and
+report what ptxas made of it: registers, spill (stack) bytes, shared memory, and which tensor-core /
+async-copy instructions the code uses.
+
+How: a stand-in Triton driver whose current target is GPUTarget("cuda", arch, 32) is activated
+and each kernel is `warmup`-compiled with CPU tensors of the layout a real launch passes
+(channels_last activations and weights, so the stride-1 and 16-byte-divisibility
+specialisations match a real launch). Registers and stack come from the cubin through
+`cuobjdump --dump-resource-usage` (shipped with Triton); a non-zero stack frame in these kernels
+means ptxas spilled. Shared memory is Triton's dynamic allocation plus any static shared.
+Must run in a process WITHOUT TRITON_INTERPRET=1 (interpreted kernels do not compile).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+ARCHS = (80, 90)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory per block (opt-in maximum)
+MAX_REGS = 255
+
+
+@dataclass(frozen=True)
+class Row:
+    kernel: str
+    variant: str     # dtype, fusion flags
+    config: str      # tile and launch parameters
+    arch: int
+    regs: int
+    stack: int       # bytes of stack frame: ptxas spills
+    smem: int        # bytes of shared memory per block
+    mma: bool        # mma.sync (Ampere tensor cores)
+    wgmma: bool      # wgmma (Hopper warpgroup tensor cores)
+    cp_async: bool   # cp.async (Ampere async global->shared copies)
+    tma: bool        # cp.async.bulk (Hopper TMA)
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        if self.stack:
+            out.append(f"spills ({self.stack} B stack)")
+        if self.smem > SMEM_LIMIT[self.arch]:
+            out.append(f"shared memory {self.smem} B > {SMEM_LIMIT[self.arch]} B")
+        return out
+
+
+# ---- compiling without a GPU -------------------------------------------------------------------
+def _fake_driver(arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class OfflineCUDA(DriverBase):
+        """Just enough of a driver for JITFunction.warmup to compile for `arch`."""
+
+        @classmethod
+        def is_active(cls) -> bool:
+            return False
+
+        def map_python_to_cpp_type(self, ty: str) -> str:
+            raise NotImplementedError
+
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise NotImplementedError
+
+        def get_current_device(self) -> str:
+            return f"offline-sm_{arch}"   # one compile cache per arch
+
+        def get_current_stream(self, device=None) -> int:
+            return 0
+
+    return OfflineCUDA()
+
+
+@contextlib.contextmanager
+def offline_target(arch: int) -> Iterator[None]:
+    """Within the block, Triton compiles for sm_<arch> (nothing can be launched)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("fastres.gpu_report needs a process without TRITON_INTERPRET=1")
+    from triton.runtime.driver import driver
+    prev = driver._active
+    driver.set_active(_fake_driver(arch))
+    try:
+        yield
+    finally:
+        driver._active = prev
+
+
+def cuobjdump() -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """{'REG', 'STACK', 'SHARED', 'LOCAL'} of the (single) function in a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump(), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{text}")
+    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))
+
+
+def _row(kernel: str, variant: str, config: str, arch: int, compiled) -> Row:
+    use = resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    return Row(kernel, variant, config, arch, use["REG"], use["STACK"] + use["LOCAL"],
+               compiled.metadata.shared + use["SHARED"], bool(re.search(r"\bmma\.sync", ptx)),
+               "wgmma." in ptx, "cp.async.cg" in ptx or "cp.async.ca" in ptx, "cp.async.bulk" in ptx)
+
+
+# ---- the variants each launcher can pick ---------------------------------------------------------
+CL = torch.channels_last
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _conv_variants():
+    """(name, flags): the plain conv and the one with every fusion on (the most registers)."""
+    from fastres.kernels.conv import ACTS
+    plain = dict(HAS_ADDEND=False, HAS_PRE_SCALE=False, HAS_PRE_SHIFT=False, PRE_ACT=0,
+                 HAS_BIAS=False, HAS_RESIDUAL=False, ACT=0)
+    full = dict(HAS_ADDEND=True, HAS_PRE_SCALE=True, HAS_PRE_SHIFT=True, PRE_ACT=ACTS["silu"],
+                HAS_BIAS=True, HAS_RESIDUAL=True, ACT=ACTS["silu"])
+    return [("plain", plain), ("all-fusions", full)]
+
+
+def conv_rows(arch: int, dtypes=("bf16", "fp32"), variants: Optional[list] = None) -> list[Row]:
+    from fastres.kernels import conv as K
+    rows = []
+    for dname in dtypes:
+        dt = DTYPES[dname]
+        # 3x3, 64 -> 64 channels: every stride is a multiple of 16 elements, as in ResNet stages
+        x = torch.empty(2, 64, 16, 16, dtype=dt).to(memory_format=CL)
+        w = torch.empty(64, 64, 3, 3, dtype=dt).to(memory_format=CL)
+        out = torch.empty(2, 64, 16, 16, dtype=dt).to(memory_format=CL)
+        vec = torch.empty(64, dtype=torch.float32)
+        prec = "tf32" if dt == torch.float32 else "ieee"
+        for cfg in K.all_configs(x.element_size()):
+            for vname, flags in variants or _conv_variants():
+                with offline_target(arch):
+                    k = K.conv2d_kernel.warmup(
+                        x, w, vec, vec, vec, x, out, out, 2, 16, 16, 16, 16, 64, 64,
+                        *x.stride(), *x.stride(), *w.stride(), *out.stride(), *out.stride(),
+                        1, 1, 1, 1, 1, 1, R=3, S=3, **flags, DOT_PRECISION=prec, DOT_UPCAST=False,
+                        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                conf = f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_C} w{cfg.num_warps} s{cfg.num_stages}"
+                rows.append(_row("conv2d", f"{dname} {vname}", conf, arch, k))
+    return rows
+
+
+def bn_act_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
+    from fastres.kernels import bn_act as K
+    rows = []
+    for dname in dtypes:
+        dt = DTYPES[dname]
+        x = torch.empty(2, 64, 16, 16, dtype=dt).to(memory_format=CL)
+        vec = torch.empty(64, dtype=torch.float32)
+        for bp, bc in K.all_blocks():
+            conf = f"{bp}x{bc} w{K.NUM_WARPS}"
+            with offline_target(arch):
+                k = K.bn_act_kernel.warmup(
+                    x, vec, vec, x, x, 512, 64, 256, 16, *x.stride(), *x.stride(), *x.stride(),
+                    HAS_SCALE=True, HAS_SHIFT=True, HAS_RESIDUAL=True, ACT=3, BLOCK_P=bp, BLOCK_C=bc,
+                    num_warps=K.NUM_WARPS, grid=(1,))
+            rows.append(_row("bn_act", f"{dname} all-fusions", conf, arch, k))
+            with offline_target(arch):
+                k = K.batch_stats_partial_kernel.warmup(
+                    x, vec, 512, 64, 256, 16, 4, *x.stride(), BLOCK_P=bp, BLOCK_C=bc,
+                    num_warps=K.NUM_WARPS, grid=(1,))
+            rows.append(_row("batch_stats_partial", dname, conf, arch, k))
+    with offline_target(arch):
+        k = K.batch_stats_combine_kernel.warmup(vec, vec, vec, 64, 4, BLOCK_C=1024, num_warps=K.NUM_WARPS,
+                                                grid=(1,))
+    rows.append(_row("batch_stats_combine", "fp32", f"1024 w{K.NUM_WARPS}", arch, k))
+    return rows
+
+
+def report(archs=ARCHS) -> list[Row]:
+    return [r for a in archs for r in conv_rows(a) + bn_act_rows(a)]
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("kernel", "variant", "config", "arch", "regs", "spill", "smem KB", "mma", "wgmma", "cp.async", "tma", "")
+    lines = [head]
+    for r in rows:
+        lines.append((r.kernel, r.variant, r.config, f"sm_{r.arch}", str(r.regs), str(r.stack),
+                      f"{r.smem / 1024:.1f}", *("x" if f else "" for f in (r.mma, r.wgmma, r.cp_async, r.tma)),
+                      "; ".join(r.problems)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def summary(rows: list[Row]) -> str:
+    """Worst registers, spill and shared memory per (kernel, arch)."""
+    worst: dict[tuple[str, int], list[int]] = {}
+    for r in rows:
+        w = worst.setdefault((r.kernel, r.arch), [0, 0, 0, 0])
+        w[0], w[1], w[2], w[3] = max(w[0], r.regs), max(w[1], r.stack), max(w[2], r.smem), w[3] + 1
+    return "\n".join(
+        f"{k:<20} sm_{a}  variants {w[3]:>3}  max regs {w[0]:>3}  max spill {w[1]} B  "
+        f"max smem {w[2] / 1024:.1f} KB (limit {SMEM_LIMIT[a] // 1024} KB)"
+        for (k, a), w in sorted(worst.items()))
+
+
+if __name__ == "__main__":
+    rows = report()
+    print(format_table(rows))
+    print()
+    print(summary(rows))

@@ -1,0 +1,171 @@
+"""Implicit-GEMM 2-D convolution with a fused prologue and epilogue.
+
+GEMM view, per group g: rows are the N*OH*OW output pixels, columns the K/G output channels of
+the group, the reduction runs over the R*S filter taps times the C/G input channels (one flat loop
+over taps x channel chunks of BLOCK_C). Grid: (cdiv(N*OH*OW, BLOCK_M), cdiv(K/G, BLOCK_N), G).
+Every tensor is addressed through its four strides, so channels_last (the fast layout: the
+channel chunk is contiguous), NCHW and channel slices of a larger buffer all work without copies.
+
+Fused, each a `tl.constexpr` flag (every variant is its own specialised kernel):
+  prologue, on every loaded input tile, before the dot:
+    a = x + addend                  HAS_ADDEND (Res2Net's x_i + y_{i-1}), rounded to x's dtype
+    z = a * scale[c] + shift[c]     HAS_PRE_SCALE / HAS_PRE_SHIFT (a BN folded on the host), fp32
+    a = pre_act(z)                  PRE_ACT
+    a = 0 at padded pixels          re-zeroed AFTER the activation: pre_act(BN(0)) is not 0
+    a rounded to x's dtype          (the reference rounds its prologue output the same way)
+  epilogue, on the fp32 accumulator:
+    out = act(acc + bias[k] + residual)   HAS_BIAS, HAS_RESIDUAL, ACT; cast to out's dtype
+
+Activations are coded as ints (ACTS below). Offsets into x, addend, residual and out are int64.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+ACTS = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3}
+
+
+@triton.jit
+def apply_act(z, ACT: tl.constexpr):
+    """z -> act(z) for ACT in ACTS (fp32 in, fp32 out)."""
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+    elif ACT == 3:
+        z = z / (1.0 + tl.exp(-z))
+    return z
+
+
+@triton.jit
+def conv2d_kernel(
+    x_ptr, w_ptr, bias_ptr, pre_scale_ptr, pre_shift_ptr, addend_ptr, res_ptr, out_ptr,
+    N, H, W, OH, OW, CG, KG,
+    sxn, sxc, sxh, sxw,
+    san, sac, sah, saw,
+    swk, swc, swr, sws,
+    srn, src, srh, srw,
+    son, soc, soh, sow,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, HAS_PRE_SCALE: tl.constexpr, HAS_PRE_SHIFT: tl.constexpr,
+    PRE_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out = act(conv2d(pre_act((x + addend) * pre_scale + pre_shift), w) + bias + residual).
+
+    x_ptr       (N, G*CG, H, W)     input, any strides (sx*)
+    w_ptr       (G*KG, CG, R, S)    weight, any strides (sw*), x's dtype
+    bias_ptr    (G*KG,)             epilogue bias (HAS_BIAS), any float dtype, added in fp32
+    pre_scale_ptr, pre_shift_ptr (G*CG,) fp32 prologue affine (HAS_PRE_SCALE / HAS_PRE_SHIFT)
+    addend_ptr  (N, G*CG, H, W)     prologue addend (HAS_ADDEND), x's dtype, strides sa*
+    res_ptr     (N, G*KG, OH, OW)   epilogue residual (HAS_RESIDUAL), strides sr*
+    out_ptr     (N, G*KG, OH, OW)   output, strides so*
+    stride_*, pad_*, dil_*          the convolution's geometry; R, S the filter size
+    DOT_PRECISION                   tl.dot input_precision ("ieee" or "tf32"; ignored for 16-bit)
+    DOT_UPCAST                      feed tl.dot fp32 copies of the tiles: only for bf16 under
+                                    TRITON_INTERPRET=1, whose dot multiplies bf16's raw bits;
+                                    bf16 x bf16 products are exact in fp32, so numerics match
+    Pointers of absent optional inputs may be any tensor (never read).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N * OH * OW
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n = (t // OH).to(tl.int64)
+
+    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < KG
+    k = g * KG + offs_k
+    w_k = w_ptr + k.to(tl.int64) * swk                       # [BLOCK_N] pointers
+    offs_c = tl.arange(0, BLOCK_C)
+
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # one flat loop over taps x channel chunks, so the software pipeliner sees every iteration
+    chunks = tl.cdiv(CG, BLOCK_C)
+    for it in range(R * S * chunks):
+        tap = it // chunks
+        c = (it - tap * chunks) * BLOCK_C + offs_c
+        r = tap // S
+        s = tap - r * S
+        ih = ih0 + r * dil_h
+        iw = iw0 + s * dil_w
+        pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = c < CG
+        cx = (g * CG + c).to(tl.int64)                                           # input channel
+        a_ok = pix_ok[:, None] & c_ok[None, :]
+        x_pix = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw           # [BLOCK_M]
+        a = tl.load(x_ptr + (x_pix[:, None] + cx[None, :] * sxc), mask=a_ok, other=0.0)
+        if HAS_ADDEND or HAS_PRE_SCALE or HAS_PRE_SHIFT or PRE_ACT != 0:
+            if HAS_ADDEND:
+                a_pix = n * san + ih.to(tl.int64) * sah + iw.to(tl.int64) * saw
+                add = tl.load(addend_ptr + (a_pix[:, None] + cx[None, :] * sac), mask=a_ok, other=0.0)
+                a = (a.to(tl.float32) + add.to(tl.float32)).to(x_ptr.dtype.element_ty)   # x + addend, rounded
+            z = a.to(tl.float32)
+            if HAS_PRE_SCALE:
+                z = z * tl.load(pre_scale_ptr + cx, mask=c_ok, other=0.0)[None, :]
+            if HAS_PRE_SHIFT:
+                z = z + tl.load(pre_shift_ptr + cx, mask=c_ok, other=0.0)[None, :]
+            z = apply_act(z, PRE_ACT)
+            a = tl.where(a_ok, z, 0.0).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_k[None, :] + (c[:, None] * swc + r * swr + s * sws),
+                    mask=c_ok[:, None] & k_ok[None, :], other=0.0)               # [BLOCK_C, BLOCK_N]
+        if DOT_UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    out_ok = m_ok[:, None] & k_ok[None, :]
+    k64 = k.to(tl.int64)
+    if HAS_RESIDUAL:
+        r_pix = n * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
+        acc += tl.load(res_ptr + (r_pix[:, None] + k64[None, :] * src), mask=out_ok, other=0.0).to(tl.float32)
+    acc = apply_act(acc, ACT)
+    o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
+    tl.store(out_ptr + (o_pix[:, None] + k64[None, :] * soc), acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+# ---- configs ---------------------------------------------------------------------------------
+class Config(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_C: int
+    num_warps: int
+    num_stages: int
+
+
+NUM_WARPS = 4     # 8 warps gave wrong tl.dot results in conv kernels (triton#1254)
+NUM_STAGES = 3
+BLOCK_M = 64       # 128 rows with a fused prologue spill on sm_80 and sm_90 (4 warps)
+BLOCK_NS = (32, 64, 128)    # output channels per tile: the smallest that covers K/G, capped
+BLOCK_CS = (16, 32, 64)     # input channels per chunk: 128 bytes at most (64 x 16-bit, 32 x fp32)
+
+
+def _cover(n: int, choices: tuple[int, ...]) -> int:
+    return next((b for b in choices if b >= n), choices[-1])
+
+
+def pick_config(channels_per_group: int, out_channels_per_group: int, elem_bytes: int) -> Config:
+    """The tile for one conv: BLOCK_N covers K/G, BLOCK_C covers C/G, both capped (a chunk of at
+    most 128 bytes per pixel, so an fp32 A+B stage fits shared memory three times over)."""
+    cs = tuple(b for b in BLOCK_CS if b * elem_bytes <= 128)
+    return Config(BLOCK_M, _cover(out_channels_per_group, BLOCK_NS), _cover(channels_per_group, cs),
+                  NUM_WARPS, NUM_STAGES)
+
+
+def all_configs(elem_bytes: int) -> list[Config]:
+    """Every config pick_config can return for this element size."""
+    return sorted({pick_config(c, k, elem_bytes) for c in BLOCK_CS for k in BLOCK_NS})
