@@ -64,6 +64,16 @@ def test_bn_act(act, mode, flags, cl):
     opcheck(ops.bn_act.default, (x, w, b, *_stats(x), r, act, mode == "train", "reference"))
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_bn_act_backward_opcheck(training):
+    x, g = torch.randn(2, 5, 4, 3, dtype=torch.float64), torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    w, b, r = torch.rand(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn_like(x)
+    mean, invstd = _stats(x)
+    out = ops.bn_act(x, w, b, mean, invstd, r, "relu", training, "reference")
+    for mask in ([True, True, True, True], [True, False, False, True], [False, False, True, False]):
+        opcheck(ops.bn_act_backward.default, (g, x, w, b, mean, invstd, r, out, "relu", training, mask, "reference"))
+
+
 def test_bn_act_train_needs_stats():
     with pytest.raises(ValueError, match="training=True needs the batch mean and invstd"):
         ops.bn_act(torch.randn(2, 3, 2, 2), None, None, None, None, None, "relu", True, "reference")
