@@ -67,11 +67,10 @@ def bn_act_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Opt
 
 @bn_act_backward.register_fake
 def _(grad, x, weight, bias, mean, invstd, residual, out, act, training, output_mask, backend):
-    e = grad.new_empty(0)
-    return (torch.empty_like(x) if output_mask[0] else e,
-            torch.empty_like(grad) if output_mask[1] else e,
-            torch.empty_like(weight) if output_mask[2] and weight is not None else e.clone(),
-            torch.empty_like(bias) if output_mask[3] and bias is not None else e.clone())
+    def like(t, wanted):
+        return torch.empty_like(t) if wanted and t is not None else grad.new_empty(0)
+    return (like(x, output_mask[0]), like(grad, output_mask[1]), like(weight, output_mask[2]),
+            like(bias, output_mask[3]))
 
 
 def _setup(ctx, inputs, output):
@@ -153,3 +152,93 @@ def _bn_act_backward_native(grad, x, weight, bias, mean, invstd, residual, out, 
 @B.register("batch_stats", "native", supports=lambda x: _native_supports(x))
 def _batch_stats_native(x):
     return tuple(torch.ops.fastres_native.batch_stats(x))
+
+
+# ==== triton implementation ======================================================================
+# fastres.kernels.bn_act: one elementwise kernel for the forward (BN folded into a per-channel fp32
+# scale/shift on the host) and a two-stage per-channel statistics kernel. They run on CUDA, or on
+# CPU under TRITON_INTERPRET=1. The backward stays on the reference. Kernels are imported on first
+# use: TRITON_INTERPRET is read when a kernel is decorated.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_supports(x: Tensor, *tensors: Optional[Tensor], same_shape: Optional[Tensor] = None,
+                    same_shape_name: str = "residual") -> Optional[str]:
+    """Why the triton kernels cannot take this input (None when they can); `same_shape` must have
+    x's shape."""
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype} not supported (float32, float16, bfloat16)"
+    if x.dim() != 4:
+        return f"expects a 4-D input, got {x.dim()}-D"
+    if x.numel() == 0:
+        return "empty input"
+    if any(t is not None and t.device != x.device for t in tensors):
+        return "tensors on different devices"
+    if same_shape is not None and same_shape.shape != x.shape:
+        return f"{same_shape_name} shape {tuple(same_shape.shape)} differs from the input's (no broadcasting)"
+    return None
+
+
+def triton_device(x: Tensor):
+    """Context selecting x's CUDA device for a launch (a no-op on CPU, i.e. the interpreter)."""
+    import contextlib
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _strides(t: Optional[Tensor]) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)
+
+
+def _channels_contiguous(x: Tensor) -> bool:
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+@B.register("bn_act", "triton",
+            supports=lambda x, w, b, mean, invstd, res, act: triton_supports(x, w, b, mean, invstd, res, same_shape=res))
+def bn_act_triton(x, weight, bias, mean, invstd, residual, act):
+    """act(BN(x) + residual) in one kernel; the output has x's layout (empty_like)."""
+    import triton
+
+    from fastres.kernels import bn_act as K
+    from fastres.kernels.conv import ACTS
+    scale, shift = ref.scale_shift(weight, bias, mean, invstd, x)
+    out = torch.empty_like(x)
+    n, c, h, w = x.shape
+    bp, bc = K.pick_blocks(c, _channels_contiguous(x))
+    grid = (triton.cdiv(n * h * w, bp), triton.cdiv(c, bc))
+    with triton_device(x):
+        K.bn_act_kernel[grid](
+            x, scale if scale is not None else x, shift if shift is not None else x,
+            residual if residual is not None else x, out,
+            n * h * w, c, h * w, w, *x.stride(), *_strides(residual), *out.stride(),
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+            ACT=ACTS[act], BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
+    return out
+
+
+STATS_CHUNKS = 512  # at most this many partial (count, mean, M2) rows per channel block
+
+
+@B.register("batch_stats", "triton", supports=lambda x: triton_supports(x))
+def batch_stats_triton(x):
+    """Per-channel (mean, biased variance) in fp32: chunk partials, then one merge."""
+    import triton
+
+    from fastres.kernels import bn_act as K
+    n, c, h, w = x.shape
+    p = n * h * w
+    bp, bc = K.pick_blocks(c, _channels_contiguous(x))
+    c_blocks = triton.cdiv(c, bc)
+    tiles = triton.cdiv(triton.cdiv(p, bp), max(1, STATS_CHUNKS // c_blocks))
+    chunks = triton.cdiv(p, tiles * bp)
+    part = torch.empty((3, chunks, c), dtype=torch.float32, device=x.device)
+    mean = torch.empty(c, dtype=torch.float32, device=x.device)
+    var = torch.empty_like(mean)
+    cb = min(triton.next_power_of_2(c), 1024)
+    with triton_device(x):
+        K.batch_stats_partial_kernel[(chunks, c_blocks)](
+            x, part, p, c, h * w, w, tiles, *x.stride(), BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
+        K.batch_stats_combine_kernel[(triton.cdiv(c, cb),)](part, mean, var, c, chunks, BLOCK_C=cb,
+                                                           num_warps=K.NUM_WARPS)
+    return mean, var
+# ==== end of the triton implementation ========================================================
