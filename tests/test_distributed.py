@@ -20,14 +20,16 @@ STEPS = 3
 
 
 def _model(sync: bool) -> nn.Module:
+    """resnet18 in float64: a few SGD steps of a BN net on 3-5 images amplify fp32 rounding to
+    ~1e-3 (eager and fastres alike, against float64), which would drown what is tested here."""
     torch.manual_seed(0)
-    m = torchvision.models.resnet18(num_classes=4)
+    m = torchvision.models.resnet18(num_classes=4).double()
     return nn.SyncBatchNorm.convert_sync_batchnorm(m) if sync else m
 
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(STEPS, n, 3, 64, 64, generator=g) for n in SIZES]
+    xs = [torch.randn(STEPS, n, 3, 64, 64, generator=g, dtype=torch.float64) for n in SIZES]
     ys = [torch.randint(0, 4, (STEPS, n), generator=g) for n in SIZES]
     return xs, ys
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastres.convert import adopt, qualname, rule
 from fastres.nn.norm_act import check_input, conv_bn, is_bn, shortcut
-from fastres.nn.resnet import _last
+from fastres.nn.resnet import residual_branch
 from fastres.nn.se import SqueezeExcite, from_timm_se
 
 
@@ -72,7 +72,7 @@ class Bottle2neck(nn.Module):
         if self.scale > 1:
             spo.append(spx[-1] if self.pool is None else self.pool(spx[-1]))
         out = torch.cat(spo, 1) if len(spo) > 1 else spo[0]
-        return _last(self, out, self.conv3, self.bn3, identity)
+        return residual_branch(self, out, [(self.conv3, self.bn3)], identity)
 
 
 @rule("timm.models.res2net.Bottle2neck")

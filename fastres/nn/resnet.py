@@ -1,9 +1,9 @@
 """ResNet v1 BasicBlock and Bottleneck (v1.5, stride on the 3x3), drop-in for torchvision's.
 
 They subclass torchvision's blocks, so signatures, state_dict keys, `expansion` and
-`ResNet(..., zero_init_residual=True)` behave as there; only `forward` changes: every conv runs
-with its BN folded (eval) or fused with BN-add-act (training), and an optional squeeze-excitation
-(`se`, as timm's SE-ResNet/ResNeXt) is applied together with the residual add and ReLU.
+`ResNet(..., zero_init_residual=True)` behave as there; only `forward` changes (see
+`residual_branch`), and an optional squeeze-excitation (`se`, as timm's SE-ResNet/ResNeXt) is
+applied together with the residual add and ReLU.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torchvision.models import resnet as tv
 
 from fastres import functional as F
 from fastres.convert import adopt, as_subclass, rule
-from fastres.nn.norm_act import check_input, conv_bn, is_bn, shortcut
+from fastres.nn.norm_act import bn_conv, check_input, conv, conv_bn, is_bn, norm_act, shortcut
 from fastres.nn.se import from_timm_se
 
 
@@ -25,8 +25,7 @@ class BasicBlock(tv.BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
         identity = shortcut(self.downsample, x, self.backend)
-        out = conv_bn(x, self.conv1, self.bn1, act="relu", backend=self.backend)
-        return _last(self, out, self.conv2, self.bn2, identity)
+        return residual_branch(self, x, [(self.conv1, self.bn1), (self.conv2, self.bn2)], identity)
 
 
 class Bottleneck(tv.Bottleneck):
@@ -35,19 +34,36 @@ class Bottleneck(tv.Bottleneck):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
         identity = shortcut(self.downsample, x, self.backend)
-        out = conv_bn(x, self.conv1, self.bn1, act="relu", backend=self.backend)
-        out = conv_bn(out, self.conv2, self.bn2, act="relu", backend=self.backend)
-        return _last(self, out, self.conv3, self.bn3, identity)
+        return residual_branch(self, x, [(self.conv1, self.bn1), (self.conv2, self.bn2),
+                                         (self.conv3, self.bn3)], identity)
 
 
-def _last(block, out: Tensor, conv: nn.Conv2d, bn: nn.Module, identity: Tensor) -> Tensor:
-    """relu(bn(conv(out)) + identity), with the SE gate in the same pass when the block has an `se`
-    submodule (looked up in _modules: a class attribute would shadow it)."""
+def residual_branch(block: nn.Module, x: Tensor, layers: list[tuple[nn.Conv2d, nn.Module]],
+                    identity: Tensor) -> Tensor:
+    """relu(SE(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...))) + identity).
+
+    Eval (and frozen BN): each conv runs with its BN folded in and the ReLU in its epilogue.
+    Training: each inner BN-ReLU is applied as the NEXT conv loads its input, so its output is
+    never stored; autograd keeps the conv outputs only and the backward recomputes the ReLU.
+    The SE gate (an `se` submodule, as timm's SE-ResNet; looked up in _modules because a class
+    attribute would shadow it) runs in the same pass as the residual add and ReLU."""
+    b = block.backend
     se = block._modules.get("se")
-    if se is None:
-        return conv_bn(out, conv, bn, act="relu", residual=identity, backend=block.backend)
-    out = conv_bn(out, conv, bn, act="identity", backend=block.backend)
-    return F.se_gate_act(out, se.gate_logits(out), residual=identity, act="relu", backend=block.backend)
+    *inner, (conv_n, bn_n) = layers
+    if layers[0][1].training:
+        y = conv(x, inner[0][0] if inner else conv_n, backend=b)
+        for (_, bn_prev), (conv_next, _) in zip(inner, inner[1:] + [(conv_n, bn_n)]):
+            y = bn_conv(y, bn_prev, conv_next, pre_act="relu", backend=b)
+        if se is None:
+            return norm_act(y, bn_n, act="relu", residual=identity, backend=b)
+        y = norm_act(y, bn_n, act="identity", backend=b)
+    else:
+        for conv_i, bn_i in inner:
+            x = conv_bn(x, conv_i, bn_i, act="relu", backend=b)
+        if se is None:
+            return conv_bn(x, conv_n, bn_n, act="relu", residual=identity, backend=b)
+        y = conv_bn(x, conv_n, bn_n, act="identity", backend=b)
+    return F.se_gate_act(y, se.gate_logits(y), residual=identity, act="relu", backend=b)
 
 
 # ---- conversion from torchvision and timm ----------------------------------------------------
