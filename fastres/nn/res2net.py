@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fastres.convert import adopt, qualname, rule
+from fastres.convert import adopt, rule
 from fastres.nn.norm_act import check_input, conv_bn, is_bn, shortcut
 from fastres.nn.resnet import residual_branch
-from fastres.nn.se import SqueezeExcite, from_timm_se
+from fastres.nn.se import SqueezeExcite, block_se
 
 
 class Bottle2neck(nn.Module):
@@ -87,13 +87,9 @@ def _from_timm(m: nn.Module):
         return "norm layers are not BatchNorm2d/SyncBatchNorm/FrozenBatchNorm2d"
     if not all(type(c) is nn.Conv2d for c in (m.conv1, m.conv3, *m.convs)):
         return "convolutions are not plain nn.Conv2d"
-    se = None
-    if m.se is not None:
-        if qualname(m.se) != "timm.layers.squeeze_excite.SEModule":
-            return f"attention layer {type(m.se).__name__} is not fused"
-        se = from_timm_se(m.se)
-        if isinstance(se, str):
-            return se
+    se = block_se(m.se)
+    if isinstance(se, str):
+        return se
     return adopt(Bottle2neck, m, scale=m.scale, is_first=m.is_first, width=m.width, conv1=m.conv1,
                  bn1=m.bn1, convs=m.convs, bns=m.bns, pool=m.pool, conv3=m.conv3, bn3=m.bn3, se=se,
                  downsample=m.downsample)

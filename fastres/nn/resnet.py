@@ -16,7 +16,7 @@ from torchvision.models import resnet as tv
 from fastres import functional as F
 from fastres.convert import adopt, as_subclass, rule
 from fastres.nn.norm_act import bn_conv, check_input, conv, conv_bn, is_bn, norm_act, shortcut
-from fastres.nn.se import from_timm_se
+from fastres.nn.se import block_se
 
 
 class BasicBlock(tv.BasicBlock):
@@ -87,7 +87,7 @@ def _from_timm(m: nn.Module):
         return "stochastic depth (drop_path) is not fused"
     if not all(is_bn(getattr(m, n)) for n in _bns(m)):
         return "norm layers are not BatchNorm2d/SyncBatchNorm/FrozenBatchNorm2d"
-    se = from_timm_se(m.se) if m.se is not None else None
+    se = block_se(m.se)
     if isinstance(se, str):
         return se
     convs = {n: getattr(m, n) for n in ("conv1", "bn1", "conv2", "bn2") + (() if basic else ("conv3", "bn3"))}

@@ -13,9 +13,9 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastres import functional as F
-from fastres.convert import act_name, adopt, qualname, rule
+from fastres.convert import act_name, adopt, rule
 from fastres.nn.norm_act import check_input, conv_bn, is_bn
-from fastres.nn.se import SqueezeExcite, from_timm_se
+from fastres.nn.se import SqueezeExcite, block_se
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None, round_limit: float = 0.9) -> int:
@@ -125,13 +125,9 @@ def _from_timm(m: nn.Module):
     for name, p in parts.items():
         if isinstance(p, str):
             return f"{name}: {p}"
-    se = None
-    if m.se is not None:
-        if qualname(m.se) != "timm.layers.squeeze_excite.SEModule":
-            return f"attention layer {type(m.se).__name__} is not fused"
-        se = from_timm_se(m.se)
-        if isinstance(se, str):
-            return se
+    se = block_se(m.se)
+    if isinstance(se, str):
+        return se
     return adopt(LinearBottleneck, m, use_shortcut=m.use_shortcut, in_channels=m.in_channels,
                  out_channels=m.out_channels, conv_exp=parts["conv_exp"], conv_dw=parts["conv_dw"],
                  se=se, dw_act=dw_act, conv_pwl=parts["conv_pwl"])

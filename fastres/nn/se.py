@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastres import functional as F
-from fastres.convert import act_name, adopt, rule
+from fastres.convert import act_name, adopt, qualname, rule
 from fastres.nn.norm_act import check_input
 from fastres.ops.reference import apply_act
 
@@ -48,3 +48,13 @@ def from_timm_se(m: nn.Module):
     if not isinstance(m.bn, (nn.Identity, nn.BatchNorm2d)):
         return "SE norm layer is not BatchNorm2d"
     return adopt(SqueezeExcite, m, fc1=m.fc1, bn=m.bn, fc2=m.fc2, act=act_name(m.act))
+
+
+def block_se(se: Optional[nn.Module]):
+    """A timm block's `se` attribute for a fastres block: None, the converted SqueezeExcite, or a
+    string saying why the block cannot be converted."""
+    if se is None:
+        return None
+    if qualname(se) != "timm.layers.squeeze_excite.SEModule":
+        return f"attention layer {type(se).__name__} is not fused"
+    return from_timm_se(se)
