@@ -66,7 +66,7 @@ def _setup(ctx, inputs, output):
      pre_act, pre_training, addend, residual, act, backend) = inputs
     ctx.conf = (list(stride), list(padding), list(dilation), groups, pre_act, pre_training, act)
     ctx.save_for_backward(x, weight, bias, pre_weight, pre_bias, pre_mean, pre_invstd, addend,
-                          residual, output if act != "silu" else None)
+                          residual, output if act in ("relu", "relu6") else None)  # the mask, never silu's input
 
 
 def _backward(ctx, grad):
@@ -88,3 +88,167 @@ def _backward(ctx, grad):
 conv2d.register_autograd(_backward, setup_context=_setup)
 
 B.register("conv2d", "reference")(ref.conv2d)
+
+
+# ==== native CPU implementation: oneDNN convolution with fused epilogue ========================
+# The epilogue (bias, residual add, activation) runs as oneDNN post-ops of one convolution
+# primitive (`torch.ops.mkldnn._convolution_pointwise[.binary]`, what inductor emits on CPU).
+# oneDNN has no input-side post-ops, so a prologue (eval BN-act pre-activation, Res2Net's addend)
+# is materialised first in one pass of the native bn_act kernel; the convolution and its epilogue
+# then run fused. `conv2d_onednn` is also the entry point of the cached eval-mode path
+# (fastres.nn.inference), which passes a BN-folded weight already prepacked into oneDNN's opaque
+# layout: such a weight cannot travel through the public custom op (it takes dense tensors).
+_ONEDNN_ACT = {"identity": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+               "silu": ("swish", [])}
+
+
+def onednn_missing(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> Optional[str]:
+    """Why oneDNN cannot run this convolution, or None."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN (mkldnn)"
+    if x.device.type != "cpu":
+        return f"oneDNN convolution runs on CPU tensors (device is {x.device.type})"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"oneDNN path takes float32 and bfloat16 (dtype is {x.dtype})"
+    if x.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no bfloat16 support in oneDNN"
+    if x.dim() != 4:
+        return f"expects a 4-D input, got {x.dim()}-D"
+    if weight.dtype != x.dtype or any(t is not None and t.device != x.device for t in others):
+        return "weight dtype or tensor devices differ from the input's"
+    return None
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """x has channels-last strides (oneDNN then gives the output channels_last too)."""
+    return x.stride(1) == 1 and x.stride(3) != 1 and not x.is_contiguous()
+
+
+def conv2d_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int], groups: int,
+                  residual: Optional[Tensor], act: str, *, accumulate: bool = False) -> Tensor:
+    """act(conv(x, weight) + bias + residual) as one oneDNN primitive; `weight` dense or prepacked.
+    With `accumulate` the result is written into `residual` (which the caller must own) and
+    returned."""
+    attr, scalars = _ONEDNN_ACT[act]
+    mk = torch.ops.mkldnn
+    if residual is None:
+        return mk._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, attr, scalars, "")
+    # after a binary add torch's wrapper fuses ReLU only; where it declines the fusion (bf16 with
+    # groups or a non-channels_last operand) it falls back to ATen's add_relu, which has no bf16
+    # kernel. Other activations, and ReLU in those cases, follow in place.
+    fuse = act == "relu" and (x.dtype == torch.float32 or groups == 1 and is_channels_last(x)
+                              and residual.is_contiguous(memory_format=torch.channels_last))
+    unary = "relu" if fuse else None
+    if accumulate:
+        mk._convolution_pointwise_.binary(residual, x, weight, bias, padding, stride, dilation, groups,
+                                          "add", 1.0, unary, [], "")
+        y = residual
+    else:
+        y = mk._convolution_pointwise.binary(x, residual, weight, bias, padding, stride, dilation, groups,
+                                             "add", 1.0, unary, [], "")
+    if act == "relu" and not fuse:
+        y.relu_()
+    elif act == "relu6":
+        torch.nn.functional.hardtanh_(y, 0.0, 6.0)
+    elif act == "silu":
+        torch.nn.functional.silu(y, inplace=True)
+    return y
+
+
+def materialise_prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd, pre_act: str) -> Tensor:
+    """a = pre_act(BN(x + addend)) in one native pass (the identity prologue returns x itself)."""
+    if addend is not None:
+        x = x + addend
+    if pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity":
+        return x
+    return torch.ops.fastres_native.bn_act(x, pw, pb, pmean, pinvstd, None, pre_act)
+
+
+def _conv2d_native_supports(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias,
+                            pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act):
+    why = onednn_missing(x, weight, bias, pre_weight, pre_bias, pre_mean, pre_invstd, addend, residual)
+    bn_prologue = any(t is not None for t in (pre_weight, pre_bias, pre_mean, pre_invstd)) or pre_act != "identity"
+    if why is None and bn_prologue and B.NATIVE_MISSING is not None:
+        why = f"the BN-act prologue needs the native bn_act kernel: {B.NATIVE_MISSING}"
+    if why is None and residual is not None:
+        shape = out_shape(x, weight, stride, padding, dilation)
+        if list(residual.shape) != shape or residual.dtype != x.dtype:
+            why = (f"residual {tuple(residual.shape)} {residual.dtype} does not match the output "
+                   f"{tuple(shape)} {x.dtype}")
+    return why
+
+
+@B.register("conv2d", "native", supports=_conv2d_native_supports, kernel=False)
+def _conv2d_native(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
+                   pre_invstd, pre_act, pre_training, addend, residual, act):
+    a = materialise_prologue(x, addend, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act)
+    return conv2d_onednn(a, weight, bias, stride, padding, dilation, groups, residual, act)
+# ==== end of the native CPU implementation ====================================================
+
+
+# ==== triton implementation: implicit-GEMM kernel with fused prologue and epilogue ===============
+# fastres.kernels.conv.conv2d_kernel runs the whole forward (prologue BN-act / addend, bias,
+# residual, activation) in one kernel, on CUDA or on CPU under TRITON_INTERPRET=1. The prologue's
+# BN arguments are folded into a per-channel fp32 (scale, shift) on the host; `pre_training` only
+# changes the backward, which stays on the reference. Every tensor goes in with its strides:
+# channels_last is the fast layout (contiguous channel chunks), NCHW runs uncopied but with strided
+# loads. Kernels are imported on first use: TRITON_INTERPRET is read when a kernel is decorated.
+def _triton_conv2d_supports(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias,
+                            pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act):
+    from fastres.ops.bn_act import triton_supports
+    why = triton_supports(x, weight, bias, pre_weight, pre_bias, pre_mean, pre_invstd, addend, residual,
+                          same_shape=addend, same_shape_name="addend")
+    if why is not None:
+        return why
+    if weight.dim() != 4 or weight.dtype != x.dtype or (addend is not None and addend.dtype != x.dtype):
+        return f"weight/addend dtype {weight.dtype} or rank differs from the input's ({x.dtype}, 4-D)"
+    shape = out_shape(x, weight, stride, padding, dilation)
+    if min(shape) <= 0:
+        return f"empty output {tuple(shape)}"
+    if residual is not None and list(residual.shape) != shape:
+        return f"residual {tuple(residual.shape)} does not match the output {tuple(shape)}"
+    return None
+
+
+def _dot_precision(x: Tensor) -> str:
+    """fp32 convs use TF32 tensor cores on CUDA when torch allows it for cuDNN (its default)."""
+    return "tf32" if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+@B.register("conv2d", "triton", supports=_triton_conv2d_supports)
+def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
+                  pre_invstd, pre_act, pre_training, addend, residual, act, *, config=None):
+    """One fused implicit-GEMM kernel; `config` (a kernels.conv.Config) overrides the heuristic."""
+    import os
+
+    import triton
+
+    from fastres.kernels import conv as K
+    from fastres.ops.bn_act import triton_device
+    scale, shift = ref.scale_shift(pre_weight, pre_bias, pre_mean, pre_invstd, x)
+    shape = out_shape(x, weight, stride, padding, dilation)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x, weight))
+    n, _, h, w = x.shape
+    k, cg, r, s = weight.shape
+    kg = k // groups
+    cfg = config or K.pick_config(cg, kg, x.element_size())
+    grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(kg, cfg.BLOCK_N), groups)
+    zero4 = (0, 0, 0, 0)
+    with triton_device(x):
+        K.conv2d_kernel[grid](
+            x, weight, bias if bias is not None else x, scale if scale is not None else x,
+            shift if shift is not None else x, addend if addend is not None else x,
+            residual if residual is not None else x, out,
+            n, h, w, shape[2], shape[3], cg, kg,
+            *x.stride(), *(addend.stride() if addend is not None else zero4), *weight.stride(),
+            *(residual.stride() if residual is not None else zero4), *out.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            R=r, S=s, HAS_ADDEND=addend is not None, HAS_PRE_SCALE=scale is not None,
+            HAS_PRE_SHIFT=shift is not None, PRE_ACT=K.ACTS[pre_act], HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, ACT=K.ACTS[act], DOT_PRECISION=_dot_precision(x),
+            DOT_UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+# ==== end of the triton implementation ========================================================
