@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fastres import functional as F
 from fastres.convert import act_name, as_subclass, rule
+from fastres.nn import inference as _inference
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -67,16 +68,26 @@ def _conv_kw(conv: nn.Conv2d) -> dict:
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, *, act: str = "relu",
             residual: Optional[Tensor] = None, addend: Optional[Tensor] = None,
             backend: Optional[str] = None) -> Tensor:
-    """act(bn(conv(x + addend)) + residual) through `F.conv2d_bn_act`."""
+    """act(bn(conv(x + addend)) + residual) through `F.conv2d_bn_act`; in eval inference without
+    autograd from the conv's cached BN-folded (and prepacked) weight, see `fastres.nn.inference`."""
     args, group = bn_args(bn)
+    if not args[4] and _inference.usable(x, conv, bn, residual, addend):
+        y = _inference.conv_bn(x, conv, bn, args, act=act, residual=residual, addend=addend, backend=backend)
+        if y is not None:
+            return y
     return F.conv2d_bn_act(x, conv.weight, conv.bias, *args, act=act, residual=residual, addend=addend,
                            process_group=group, backend=backend, **_conv_kw(conv))
 
 
 def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, *, pre_act: str = "relu",
             residual: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
-    """conv(pre_act(bn(x))) + residual through `F.bn_act_conv2d` (activation never stored)."""
+    """conv(pre_act(bn(x))) + residual through `F.bn_act_conv2d` (activation never stored); in
+    eval inference without autograd with the conv's cached prepacked weight (`fastres.nn.inference`)."""
     args, group = bn_args(bn)
+    if not args[4] and _inference.usable(x, conv, bn, residual):
+        y = _inference.bn_conv(x, bn, conv, args, pre_act=pre_act, residual=residual, backend=backend)
+        if y is not None:
+            return y
     return F.bn_act_conv2d(x, *args, weight=conv.weight, bias=conv.bias, pre_act=pre_act,
                            residual=residual, process_group=group, backend=backend, **_conv_kw(conv))
 
@@ -100,7 +111,9 @@ def shortcut(downsample: Optional[nn.Module], x: Tensor, backend: Optional[str] 
         return x
     if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
             and isinstance(downsample[0], nn.Conv2d) and is_bn(downsample[1])):
-        return conv_bn(x, downsample[0], downsample[1], act="identity", backend=backend)
+        y = conv_bn(x, downsample[0], downsample[1], act="identity", backend=backend)
+        # a fresh tensor only the block's last conv reads: that conv may accumulate into it
+        return y if y.requires_grad or torch.compiler.is_compiling() else _inference.mark_scratch(y)
     return downsample(x)
 
 

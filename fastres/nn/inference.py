@@ -1,0 +1,179 @@
+"""Eval-mode inference without autograd: BN-folded (and, for oneDNN, prepacked) conv weights cached
+per conv module instead of being recomputed on every forward.
+
+The cache lives in a module-level weak table keyed by the conv module, so parameters, buffers,
+state_dict, deepcopy and pickling of the model are untouched. An entry is rebuilt when any of
+conv.weight/bias, bn.weight/bias/running_mean/running_var is replaced or changed in place (its
+storage address or `_version`, as an optimizer step, `load_state_dict` or `.to()` does), or when
+dtype, device or eps change. It is used only when nothing needs gradients (no_grad,
+inference_mode, or no input or parameter requiring grad), BN is in eval mode, and outside
+torch.compile tracing, which freezes and folds by itself.
+
+With the native backend (or "auto") on a CPU tensor that oneDNN takes, the folded weight is also
+reordered into oneDNN's blocked layout for the input size (`_reorder_convolution_weight`) and the
+conv runs through `fastres.ops.conv.conv2d_onednn` directly: an opaque prepacked weight cannot pass
+through the public `torch.ops.fastres.conv2d` custom op. The call is recorded for
+`fastres.explain` as conv2d on native. Other backends get the cached folded weight through the
+public op.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fastres import backend as _backend
+from fastres import functional as F
+from fastres.ops import conv as _conv
+
+_PACKED_SIZES = 4  # prepacked weights kept per conv (one per input size seen, oldest dropped)
+_WHY = "eval inference: BN folded into a cached weight prepacked for oneDNN, epilogue fused"
+_WHY_PRE = "eval inference: BN-act prologue in one native pass, cached weight prepacked for oneDNN"
+
+
+@dataclass
+class _Entry:
+    key: tuple
+    weight: Tensor
+    bias: Tensor
+    packed: dict = field(default_factory=dict)  # input shape -> prepacked weight
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictionary()
+_SCRATCH: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
+
+def usable(x: Tensor, conv: nn.Conv2d, bn: nn.Module, *tensors: Optional[Tensor]) -> bool:
+    """True when the cached path may run: no autograd recording, not tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad
+                   for t in (x, conv.weight, conv.bias, bn.weight, bn.bias, *tensors))
+
+
+def _key(conv: nn.Conv2d, args: Optional[tuple]) -> Optional[tuple]:
+    """What the folded weight depends on (`args` as `bn_args` resolves them; None: nothing folded);
+    None if it cannot be tracked (inference tensors have no version counter)."""
+    running_mean, running_var, weight, bias, _, _, eps = args if args is not None else (None,) * 7
+    key = [eps]
+    try:
+        for t in (conv.weight, conv.bias, weight, bias, running_mean, running_var):
+            key.append(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device))
+    except RuntimeError:
+        return None
+    return tuple(key)
+
+
+def _entry(conv: nn.Conv2d, args: Optional[tuple]) -> Optional[_Entry]:
+    """The cache entry of `conv`: its weight with the BN of `args` folded in (args None: as it is)."""
+    key = _key(conv, args)
+    if key is None:
+        return None
+    e = _CACHE.get(conv)
+    if e is not None and e.key == key:
+        return e
+    # built outside inference_mode, so the cached tensors may later meet autograd-enabled code
+    with torch.inference_mode(False), torch.no_grad():
+        if args is None:
+            w, b = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+        else:
+            running_mean, running_var, weight, bias, _, momentum, eps = args
+            mean, invstd = F.bn_stats(conv.weight, running_mean, running_var, False, momentum, eps)
+            w, b = F.fold_bn(conv.weight, conv.bias, weight, bias, mean, invstd)
+    e = _Entry(key, w, b)
+    _CACHE[conv] = e
+    return e
+
+
+def _prepacked(e: _Entry, x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The weight for input `x`: prepacked for its size when x is channels_last; else the dense
+    one (oneDNN gives a prepacked weight's output channels_last, which would change the layout)."""
+    if not _conv.is_channels_last(x):
+        return e.weight
+    shape = tuple(x.shape)
+    w = e.packed.get(shape)
+    if w is None:
+        if len(e.packed) >= _PACKED_SIZES:
+            e.packed.pop(next(iter(e.packed)))
+        with torch.inference_mode(False), torch.no_grad():
+            w = torch.ops.mkldnn._reorder_convolution_weight(
+                e.weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(shape))
+        e.packed[shape] = w
+    return w
+
+
+def mark_scratch(t: Tensor) -> Tensor:
+    """Mark `t` (a fresh tensor nobody else holds, e.g. a projection shortcut's output) as one
+    that the conv adding it as its residual may overwrite; consumed by that one conv."""
+    _SCRATCH[id(t)] = t
+    return t
+
+
+def unmark_scratch(t: Tensor) -> None:
+    if _SCRATCH.get(id(t)) is t:
+        del _SCRATCH[id(t)]
+
+
+def _take_scratch(t: Optional[Tensor]) -> bool:
+    if t is None or _SCRATCH.get(id(t)) is not t:
+        return False
+    del _SCRATCH[id(t)]
+    return True
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, args: tuple, *, act: str,
+            residual: Optional[Tensor], addend: Optional[Tensor], backend: Optional[str]) -> Optional[Tensor]:
+    """act(bn(conv(x + addend)) + residual) from the cache, or None when it cannot be used
+    (then the caller runs the uncached path)."""
+    e = _entry(conv, args)
+    if e is None:
+        return None
+    name = backend or _backend.get_backend()
+    if name in ("native", "auto") and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) \
+            and _conv.onednn_missing(x, e.weight, addend, residual) is None \
+            and (residual is None or residual.dtype == x.dtype and list(residual.shape) == _conv.out_shape(
+                x, conv.weight, conv.stride, conv.padding, conv.dilation)):
+        _backend._record("conv2d", "native", _WHY if name == "native" else "auto: " + _WHY)
+        if addend is not None:
+            x = x + addend
+        accumulate = _take_scratch(residual) and residual.is_contiguous(
+            memory_format=torch.channels_last if _conv.is_channels_last(x) else torch.contiguous_format) \
+            and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        return _conv.conv2d_onednn(x, _prepacked(e, x, conv), e.bias, conv.stride, conv.padding, conv.dilation,
+                                   conv.groups, residual, act, accumulate=accumulate)
+    return F.conv2d(x, e.weight, e.bias, conv.stride, conv.padding, conv.dilation, conv.groups, addend=addend,
+                    residual=residual, act=act, backend=backend)
+
+
+def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, args: tuple, *, pre_act: str,
+            residual: Optional[Tensor], backend: Optional[str]) -> Optional[Tensor]:
+    """conv(pre_act(bn(x))) + residual with the BN-act prologue in one native pass (oneDNN has no
+    input-side post-ops) and the conv from its cached prepacked weight; None when this path
+    cannot run (then the caller runs the public op)."""
+    name = backend or _backend.get_backend()
+    if name not in ("native", "auto") or _backend.NATIVE_MISSING is not None or conv.padding_mode != "zeros" \
+            or not isinstance(conv.padding, tuple) or _conv.onednn_missing(x, conv.weight, residual) is not None:
+        return None
+    if residual is not None and (residual.dtype != x.dtype or list(residual.shape) != _conv.out_shape(
+            x, conv.weight, conv.stride, conv.padding, conv.dilation)):
+        return None
+    e = _entry(conv, None)
+    if e is None:
+        return None
+    running_mean, running_var, weight, bias, _, momentum, eps = args
+    mean, invstd = F.bn_stats(x, running_mean, running_var, False, momentum, eps)
+    _backend._record("conv2d", "native", ("" if name == "native" else "auto: ") + _WHY_PRE)
+    a = torch.ops.fastres_native.bn_act(x, weight, bias, mean, invstd, None, pre_act)
+    return _conv.conv2d_onednn(a, _prepacked(e, a, conv), e.bias, conv.stride, conv.padding, conv.dilation,
+                               conv.groups, residual, "identity")
+
+
+def clear() -> None:
+    """Drop every cached weight (they are rebuilt on the next inference forward)."""
+    _CACHE.clear()
