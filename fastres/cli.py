@@ -1,4 +1,4 @@
-"""`fastres` / `python -m fastres`: demo, explain, validate, gpu-report."""
+"""`fastres` / `python -m fastres`: demo, explain, validate, gpu-report, analyze."""
 from __future__ import annotations
 
 import argparse
@@ -212,6 +212,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
     r.add_argument("--json", help="also write the rows as JSON to this path")
     r.set_defaults(fn=gpu_report)
+    from fastres.analyze import register as register_analyze
+    register_analyze(sub)
     args = p.parse_args(argv)
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
         p.error("CUDA was asked for but no CUDA device is available")

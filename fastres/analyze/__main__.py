@@ -1,0 +1,5 @@
+import sys
+
+from fastres.analyze import main
+
+sys.exit(main())
