@@ -7,7 +7,7 @@ does; `momentum` is the already-resolved exponential average factor. Names say w
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

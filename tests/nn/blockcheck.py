@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 from tests.utils import assert_close
-from tests.utils import randomize_bn
 
 
 def round_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -7,7 +7,8 @@ from timm.models import res2net as timm_res2net
 
 import fastres
 from fastres.nn.res2net import Bottle2neck
-from tests.nn.blockcheck import assert_matches_float64, randomize_bn, round_to
+from tests.nn.blockcheck import assert_matches_float64, round_to
+from tests.utils import randomize_bn
 
 CL = torch.channels_last
 

@@ -1,5 +1,4 @@
 """fastres BasicBlock / Bottleneck against torchvision's with the same weights."""
-import copy
 
 import pytest
 import torch

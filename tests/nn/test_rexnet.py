@@ -6,7 +6,8 @@ from timm.models import rexnet as timm_rexnet
 
 import fastres
 from fastres.nn.rexnet import LinearBottleneck
-from tests.nn.blockcheck import assert_matches_float64, randomize_bn, round_to
+from tests.nn.blockcheck import assert_matches_float64, round_to
+from tests.utils import randomize_bn
 
 CL = torch.channels_last
 
