@@ -79,13 +79,15 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = False,
+            strict: bool = False) -> nn.Module:
     """Return `model` with every recognised block replaced by its fastres counterpart.
 
     The new blocks share the original parameters and buffers (deep-copied first unless
     `inplace`), so outputs, gradients and state_dict keys stay those of the original, in train
     and in eval mode. `backend` pins the backend of the converted blocks (default: the global
-    one at call time, see `fastres.set_backend`). `conversion_report(model)` says what happened.
+    one at call time, see `fastres.set_backend`). `conversion_report(model)` says what happened;
+    with `strict`, a recognised module that has to be left alone is an error naming it and why.
     """
     import fastres.models  # noqa: F401  (registers the rules of every block and model family)
     import fastres.nn  # noqa: F401
@@ -97,6 +99,9 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = 
     report = ConversionReport()
     model = _convert(model, "", backend, report)
     object.__setattr__(model, "_fastres_report", report)
+    if strict and report.skipped:
+        why = "; ".join(f"{p or '<root>'}: {reason}" for p, _, reason in report.skipped)
+        raise ValueError(f"fastres.convert: {len(report.skipped)} module(s) cannot be fused: {why}")
     return model
 
 

@@ -84,3 +84,9 @@ def test_frozen_batchnorm_model():
 def test_zero_init_residual_builder():
     m = fastres.models.resnet50(zero_init_residual=True)
     assert all(not b.bn3.weight.any() for b in m.modules() if isinstance(b, fastres.nn.Bottleneck))
+
+
+def test_strict_names_what_cannot_be_fused():
+    ref = timm.create_model("resnet18", act_layer=torch.nn.ELU)
+    with pytest.raises(ValueError, match=r"cannot be fused: layer1\.0: activation is not ReLU"):
+        fastres.convert(ref, strict=True)

@@ -13,18 +13,11 @@ from typing import Any, Callable, Optional
 from torchvision.models import densenet as tv
 
 import fastres.nn.densenet  # noqa: F401  (registers the DenseNet conversion rules)
-from fastres.convert import conversion_report, convert
-
-_TORCHVISION_BLOCKS = (tv._DenseLayer, tv._DenseBlock, tv._Transition)
-
+from fastres.convert import convert
 
 def _fused(build: Callable[..., tv.DenseNet], num_classes: int, backend: Optional[str],
            kwargs: dict[str, Any]) -> tv.DenseNet:
-    model = convert(build(num_classes=num_classes, **kwargs), backend=backend, inplace=True)
-    left = [n for n, m in model.named_modules() if type(m) in _TORCHVISION_BLOCKS]
-    if left:  # only a changed torchvision DenseNet could get here
-        raise RuntimeError(f"fastres: DenseNet blocks left unconverted: {left}\n{conversion_report(model)}")
-    return model
+    return convert(build(num_classes=num_classes, **kwargs), backend=backend, inplace=True, strict=True)
 
 
 def densenet121(*, num_classes: int = 1000, backend: Optional[str] = None, **kwargs: Any) -> tv.DenseNet:

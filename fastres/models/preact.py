@@ -12,17 +12,13 @@ from typing import Any, Optional
 import torch.nn as nn
 
 import fastres.nn.preact  # noqa: F401  (registers the PreActBasic / PreActBottleneck rules)
-from fastres.convert import conversion_report, convert
+from fastres.convert import convert
 
 
 def _build(name: str, timm_name: str, num_classes: int, backend: Optional[str], kw: dict) -> nn.Module:
     from timm.models import resnetv2
-    model = convert(getattr(resnetv2, timm_name)(num_classes=num_classes, **kw), backend=backend, inplace=True)
-    report = conversion_report(model)
-    if report.skipped:
-        why = "; ".join(f"{p}: {reason}" for p, _, reason in report.skipped)
-        raise ValueError(f"fastres.models.{name}: these options leave blocks unfused: {why}")
-    return model
+    return convert(getattr(resnetv2, timm_name)(num_classes=num_classes, **kw), backend=backend, inplace=True,
+                   strict=True)
 
 
 def preact_resnet18(*, num_classes: int = 1000, backend: Optional[str] = None, **kw: Any) -> nn.Module:

@@ -10,13 +10,12 @@ from typing import Any, Optional
 import torch.nn as nn
 
 import fastres.nn.res2net  # noqa: F401  (registers the Bottle2neck rule)
-from fastres.models._timm import build_converted
-
-_BLOCK = "timm.models.res2net.Bottle2neck"
-
+from fastres.convert import convert
 
 def _build(name: str, pretrained: bool, backend: Optional[str], kwargs: dict) -> nn.Module:
-    return build_converted(name, _BLOCK, pretrained=pretrained, backend=backend, **kwargs)
+    import timm
+    return convert(timm.create_model(name, pretrained=pretrained, **kwargs), backend=backend, inplace=True,
+                   strict=True)
 
 
 def res2net50_26w_4s(pretrained: bool = False, *, backend: Optional[str] = None, **kwargs: Any) -> nn.Module:

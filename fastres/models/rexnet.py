@@ -10,13 +10,12 @@ from typing import Any, Optional
 import torch.nn as nn
 
 import fastres.nn.rexnet  # noqa: F401  (registers the LinearBottleneck rule)
-from fastres.models._timm import build_converted
-
-_BLOCK = "timm.models.rexnet.LinearBottleneck"
-
+from fastres.convert import convert
 
 def _build(name: str, pretrained: bool, backend: Optional[str], kwargs: dict) -> nn.Module:
-    return build_converted(name, _BLOCK, pretrained=pretrained, backend=backend, **kwargs)
+    import timm
+    return convert(timm.create_model(name, pretrained=pretrained, **kwargs), backend=backend, inplace=True,
+                   strict=True)
 
 
 def rexnet_100(pretrained: bool = False, *, backend: Optional[str] = None, **kwargs: Any) -> nn.Module:

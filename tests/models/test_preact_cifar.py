@@ -47,7 +47,7 @@ def test_convert_timm_resnetv2_50():
 
 
 def test_builder_refuses_unfused_options():
-    with pytest.raises(ValueError, match="preact_resnet18: .*drop_path"):
+    with pytest.raises(ValueError, match=r"fastres.convert: \d+ module\(s\) cannot be fused: .*drop_path"):
         preact_resnet18(drop_path_rate=0.1)
 
 

@@ -85,5 +85,5 @@ def test_builder_matches_timm(name):
 
 @pytest.mark.parametrize("name", ["res2net50_26w_4s", "rexnet_100"])
 def test_builder_refuses_unfusable_blocks(name):
-    with pytest.raises(ValueError, match=rf"fastres.models.{name}: \d+ block\(s\) cannot be fused .*drop_path"):
+    with pytest.raises(ValueError, match=r"fastres.convert: \d+ module\(s\) cannot be fused: .*drop_path"):
         BUILDERS[name](num_classes=10, drop_path_rate=0.1)
