@@ -64,7 +64,7 @@ def _fake_driver(arch: int):
             return False
 
         def map_python_to_cpp_type(self, ty: str) -> str:
-            raise NotImplementedError
+            raise NotImplementedError("offline compile driver: kernels are compiled, never launched")
 
         def get_current_target(self):
             return GPUTarget("cuda", arch, 32)
@@ -73,7 +73,7 @@ def _fake_driver(arch: int):
             return torch.device("cpu")
 
         def get_benchmarker(self):
-            raise NotImplementedError
+            raise NotImplementedError("offline compile driver: nothing runs, nothing to time")
 
         def get_current_device(self) -> str:
             return f"offline-sm_{arch}"   # one compile cache per arch
