@@ -24,7 +24,9 @@ test: $(STAMP)
 	$(PY) -m pytest bench -q --quick
 
 bench: $(STAMP)
+	mkdir -p results
 	$(PY) -m pytest bench --benchmark-json=results/bench.json
+	$(PY) -m bench.report results/bench.json --plot results/speedups.png
 
 clean:
 	rm -rf .venv build *.egg-info fastres/_C*.so

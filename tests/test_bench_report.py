@@ -1,0 +1,29 @@
+"""bench/report.py: pytest-benchmark JSON -> Markdown table and PNG."""
+import json
+
+from bench import report
+
+
+def _json(tmp_path, rows):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [
+        {"name": f"test[{p}]", "group": g, "stats": {"mean": t}, "extra_info": {"provider": p}} for g, p, t in rows]}))
+    return str(path)
+
+
+def test_table_and_plot(tmp_path):
+    path = _json(tmp_path, [("resnet50 infer", "eager", 0.2), ("resnet50 infer", "fastres-native", 0.1),
+                            ("resnet50 infer", "compile", 0.16)])
+    png = tmp_path / "s.png"
+    assert report.main([path, "--plot", str(png)]) == 0
+    text = report.table(report.load([path]))
+    assert text.splitlines()[0] == "| group | eager | compile | fastres-native |"
+    assert "| resnet50 infer | 200.00 ms (1.00x) | 160.00 ms (1.25x) | 100.00 ms (2.00x) |" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_json_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert report.main([str(bad)]) == 2
+    assert "cannot read benchmark JSON" in capsys.readouterr().err
