@@ -74,6 +74,16 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((a - e).norm() / e.norm().clamp_min(1e-30)).item()
 
 
+def assert_same_buffers(new: torch.nn.Module, ref: torch.nn.Module, *, dtype: torch.dtype) -> None:
+    """Running statistics within the table; integer buffers (num_batches_tracked) exactly."""
+    bn = dict(new.named_buffers())
+    for name, b in ref.named_buffers():
+        if b.is_floating_point():
+            assert_close(bn[name], b, dtype=dtype, name=name)
+        else:
+            assert torch.equal(bn[name], b), f"{name}: {bn[name]} != {b}"
+
+
 def assert_same_step(ref: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor, *, train: bool) -> torch.Tensor:
     """Run `ref` and `new` (same weights) on `x` in train or eval mode and compare outputs; in
     train mode also the input and parameter gradients of a random projection of the output,
@@ -116,10 +126,5 @@ def assert_same_step(ref: torch.nn.Module, new: torch.nn.Module, x: torch.Tensor
             else:
                 reduced = 1 if name == "input" else max(1, x.numel() // max(g.numel(), 1))
                 assert_close(gn, g, dtype=dtype, reduced=reduced, name=f"grad {name}")
-        bn = dict(new.named_buffers())
-        for name, b in ref.named_buffers():
-            if b.is_floating_point():
-                assert_close(bn[name], b, dtype=dtype, name=name)
-            else:
-                assert torch.equal(bn[name], b), f"{name}: {bn[name]} != {b}"
+        assert_same_buffers(new, ref, dtype=dtype)
     return outs["new"]["out"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_same_buffers
 
 
 def round_to(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -52,10 +52,5 @@ def assert_matches_float64(ref64: nn.Module, new: nn.Module, x: torch.Tensor, *,
             assert_close(pn[name].grad, p.grad, dtype=dtype, reduced=reduced, name=f"grad {name}")
     if not train:
         return yn
-    bn = dict(new.named_buffers())
-    for name, b in ref64.named_buffers():
-        if b.is_floating_point():
-            assert_close(bn[name], b, dtype=dtype, name=name)
-        else:
-            assert torch.equal(bn[name], b), f"{name}: {bn[name]} != {b}"
+    assert_same_buffers(new, ref64, dtype=dtype)
     return yn
