@@ -157,8 +157,9 @@ def _batch_stats_native(x):
 # ==== triton implementation ======================================================================
 # fastres.kernels.bn_act: one elementwise kernel for the forward (BN folded into a per-channel fp32
 # scale/shift on the host) and a two-stage per-channel statistics kernel. They run on CUDA, or on
-# CPU under TRITON_INTERPRET=1. The backward stays on the reference. Kernels are imported on first
-# use: TRITON_INTERPRET is read when a kernel is decorated.
+# CPU under TRITON_INTERPRET=1; the backward is a fused per-channel reduction plus, in training
+# mode, a second elementwise pass for dx. Kernels are imported on first use: TRITON_INTERPRET is
+# read when a kernel is decorated.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -241,4 +242,76 @@ def batch_stats_triton(x):
         K.batch_stats_combine_kernel[(triton.cdiv(c, cb),)](part, mean, var, c, chunks, BLOCK_C=cb,
                                                            num_warps=K.NUM_WARPS)
     return mean, var
+def _bn_backward_supports(grad, x, weight, bias, mean, invstd, residual, out, act, training, mask):
+    why = triton_supports(x, grad, weight, bias, mean, invstd, residual, out, same_shape=residual)
+    for name, t in (("grad", grad), ("out", out)):
+        if why is None and t is not None:
+            why = triton_supports(x, same_shape=t, same_shape_name=name)
+    return why
+
+
+@B.register("bn_act_backward", "triton", supports=_bn_backward_supports)
+def bn_act_backward_triton(grad, x, weight, bias, mean, invstd, residual, out, act, training, mask):
+    """Grads of (x, residual, weight, bias) as the reference computes them: one pass that yields
+    gres, the per-channel partial sums and (eval) gx; with training, a deterministic merge of the
+    partials and a second pass for gx."""
+    import triton
+
+    from fastres.kernels import bn_act as K
+    from fastres.kernels.conv import ACTS
+    check_act(act)
+    if len(mask) != 4:
+        raise ValueError(f"fastres.bn_act_backward: output_mask must have 4 entries, got {len(mask)}")
+    if act in ("relu", "relu6") and out is None:
+        raise ValueError(f"fastres.bn_act_backward: {act} needs the saved output `out`")
+    need_x, need_res = mask[0], mask[1]
+    need_w, need_b = mask[2] and weight is not None, mask[3] and bias is not None
+    second_pass = need_x and training
+    sum_gx, sum_g = need_w or second_pass, need_b or second_pass
+    n, c, h, w = x.shape
+    p = n * h * w
+    dev = x.device
+    scale, shift = (v.contiguous() if v is not None else None
+                    for v in ref.scale_shift(weight, bias, mean, invstd, x))
+    silu = act == "silu"
+    mean32 = mean.float().contiguous() if mean is not None else torch.zeros(c, device=dev)
+    invstd32 = invstd.float().contiguous() if invstd is not None else torch.ones(c, device=dev)
+    empty = grad.new_empty(0)
+    gx = torch.empty_like(x) if need_x else empty
+    gres = torch.empty_like(grad) if need_res else empty
+    sums = torch.empty((4, c), dtype=torch.float32, device=dev)
+
+    bp, bc = K.pick_blocks(c, _channels_contiguous(x), K.BACKWARD_ELEMENTS)
+    c_blocks = triton.cdiv(c, bc)
+    tiles = triton.cdiv(triton.cdiv(p, bp), max(1, STATS_CHUNKS // c_blocks))
+    chunks = triton.cdiv(p, tiles * bp)
+    part = torch.empty((2, chunks, c) if sum_g or sum_gx else (0,), dtype=torch.float32, device=dev)
+    tensors = (grad, x, scale if scale is not None else x, shift if shift is not None else x,
+               residual if residual is not None and silu else x, out if out is not None else x,
+               mean32, sums[2:])
+    flags = dict(ACT=ACTS[act], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None and silu,
+                 HAS_RESIDUAL=residual is not None and silu, BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
+    strides = (*grad.stride(), *x.stride(), *_strides(residual if silu else None), *_strides(out),
+               *_strides(gx if need_x else None), *_strides(gres if need_res else None))
+
+    def launch(grid, tiles, **pass_flags):
+        K.bn_act_backward_kernel[grid](*tensors, gx if need_x else x, gres if need_res else x,
+                                       part if part.numel() else x, p, c, h * w, w, tiles, *strides,
+                                       **flags, **pass_flags)
+
+    with triton_device(x):
+        if need_res or sum_g or sum_gx or (need_x and not training):
+            launch((chunks, c_blocks), tiles, STORE_GRES=need_res, SUM_G=sum_g, SUM_GX=sum_gx,
+                   GX=1 if need_x and not training else 0)
+        if sum_g or sum_gx:
+            cb = min(triton.next_power_of_2(c), 1024)
+            K.bn_act_backward_combine_kernel[(triton.cdiv(c, cb),)](
+                part, invstd32, sums, c, chunks, float(p), TRAINING=second_pass, BLOCK_C=cb,
+                num_warps=K.NUM_WARPS)
+        if second_pass:
+            launch((triton.cdiv(p, bp), c_blocks), 1, STORE_GRES=False, SUM_G=False, SUM_GX=False, GX=2)
+    return (gx, gres, sums[1].to(weight.dtype, copy=True) if need_w else empty,
+            sums[0].to(bias.dtype, copy=True) if need_b else empty)
+
+
 # ==== end of the triton implementation ========================================================
