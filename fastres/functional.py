@@ -121,7 +121,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
            pre_invstd: Optional[Tensor] = None, pre_act: str = "identity", pre_training: bool = False,
            addend: Optional[Tensor] = None, residual: Optional[Tensor] = None,
            act: str = "identity", backend: Optional[str] = None) -> Tensor:
-    """act(conv(pre_act(BN(x + addend))) + bias + residual); see fastres.ops.conv."""
+    """act(conv(pre_act(BN(x)) + addend) + bias + residual); see fastres.ops.conv."""
     return _ops.conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
                        pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend,
                        residual, act, _b(backend))
@@ -166,6 +166,39 @@ def conv2d_bn_add_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running
                          momentum, eps, residual=residual, **kw)
 
 
+def bn_prologue(x: Tensor, running_mean, running_var, bn_weight=None, bn_bias=None,
+                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+                process_group=None, backend: Optional[str] = None) -> dict:
+    """The `pre_*` keyword arguments of `conv2d` that apply this BN to `x` as the conv loads it.
+    Batch statistics are taken (and running statistics updated) here, once: one BN output can
+    feed several consumers (`channels` gives a consumer its slice, `bn_act_from` materialises it)."""
+    bn = _bn(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, process_group, backend)
+    return dict(pre_weight=bn["weight"], pre_bias=bn["bias"], pre_mean=bn["mean"], pre_invstd=bn["invstd"],
+                pre_training=bn["training"])
+
+
+def channels(pre: dict, index: slice) -> dict:
+    """The prologue arguments of the channels `index` of a `bn_prologue` (per-channel tensors sliced)."""
+    return {k: v[index] if isinstance(v, Tensor) else v for k, v in pre.items()}
+
+
+def bn_act_from(x: Tensor, pre: dict, *, act: str = "relu", residual: Optional[Tensor] = None,
+                backend: Optional[str] = None) -> Tensor:
+    """act(BN(x) + residual) with the BN arguments of a `bn_prologue` of `x`."""
+    return _ops.bn_act(x, pre["pre_weight"], pre["pre_bias"], pre["pre_mean"], pre["pre_invstd"], residual,
+                       act, pre["pre_training"], _b(backend))
+
+
+def bn_act_pool2d(x: Tensor, pre: Optional[dict], kind: str, kernel_size, stride=None, padding=0, *,
+                  act: str = "relu", backend: Optional[str] = None) -> Tensor:
+    """pool(act(BN(x))), kind "max" or "avg", with the BN arguments of a `bn_prologue` of `x`
+    (None: no BN); the backward recomputes the activation instead of storing it."""
+    pre = pre or dict(pre_weight=None, pre_bias=None, pre_mean=None, pre_invstd=None, pre_training=False)
+    return _ops.bn_act_pool2d(x, pre["pre_weight"], pre["pre_bias"], pre["pre_mean"], pre["pre_invstd"], act,
+                              pre["pre_training"], kind, _pair(kernel_size),
+                              _pair(kernel_size if stride is None else stride), _pair(padding), _b(backend))
+
+
 def bn_act_conv2d(x: Tensor, running_mean, running_var, bn_weight=None, bn_bias=None,
                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                   weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
@@ -173,7 +206,17 @@ def bn_act_conv2d(x: Tensor, running_mean, running_var, bn_weight=None, bn_bias=
                   act: str = "identity", process_group=None, backend: Optional[str] = None) -> Tensor:
     """conv(pre_act(BN(x))) + residual with the BN-act applied as the conv loads its input; the
     activated tensor is never stored (the backward recomputes it)."""
-    bn = _bn(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, process_group, backend)
-    return conv2d(x, weight, bias, stride, padding, dilation, groups, pre_weight=bn["weight"],
-                  pre_bias=bn["bias"], pre_mean=bn["mean"], pre_invstd=bn["invstd"], pre_act=pre_act,
-                  pre_training=bn["training"], residual=residual, act=act, backend=backend)
+    pre = bn_prologue(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+                      process_group=process_group, backend=backend)
+    return conv2d(x, weight, bias, stride, padding, dilation, groups, pre_act=pre_act, residual=residual,
+                  act=act, backend=backend, **pre)
+
+
+# ---- DAG connectivity ------------------------------------------------------------------------
+def mix_conv2d(states: Tensor, mix: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+               padding=0, dilation=1, groups: int = 1, *, act: str = "identity",
+               backend: Optional[str] = None) -> Tensor:
+    """act(conv(sum_i mix[i] * states[i]) + bias) for states (S, N, C, H, W), the weighted sum
+    formed as the conv loads its input; see fastres.ops.mix."""
+    return _ops.mix_conv2d(states, mix, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
+                           act, _b(backend))

@@ -131,12 +131,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def _conv_variants():
     """(name, flags): the plain conv and the one with every fusion on (the most registers)."""
-    from fastres.kernels.conv import ACTS
+    from fastres.kernels.conv import ACTS, MAX_MIX
     plain = dict(HAS_ADDEND=False, HAS_PRE_SCALE=False, HAS_PRE_SHIFT=False, PRE_ACT=0,
                  HAS_BIAS=False, HAS_RESIDUAL=False, ACT=0)
     full = dict(HAS_ADDEND=True, HAS_PRE_SCALE=True, HAS_PRE_SHIFT=True, PRE_ACT=ACTS["silu"],
                 HAS_BIAS=True, HAS_RESIDUAL=True, ACT=ACTS["silu"])
-    return [("plain", plain), ("all-fusions", full)]
+    # fastres.ops.mix: the weighted sum of 3 (and of MAX_MIX, with the smaller chunks the launcher
+    # then picks) slots of one buffer in the input load, with the only fusions that op has
+    mix = dict(plain, HAS_BIAS=True, ACT=ACTS["silu"], mix_ptr=torch.empty(MAX_MIX, dtype=torch.float32),
+               s_mix=2 * 64 * 16 * 16, NUM_MIX=3)
+    return [("plain", plain), ("all-fusions", full), ("mix", mix), (f"mix{MAX_MIX}", dict(mix, NUM_MIX=MAX_MIX))]
 
 
 def conv_rows(arch: int, dtypes=("bf16", "fp32"), variants: Optional[list] = None) -> list[Row]:
@@ -150,8 +154,8 @@ def conv_rows(arch: int, dtypes=("bf16", "fp32"), variants: Optional[list] = Non
         out = torch.empty(2, 64, 16, 16, dtype=dt).to(memory_format=CL)
         vec = torch.empty(64, dtype=torch.float32)
         prec = "tf32" if dt == torch.float32 else "ieee"
-        for cfg in K.all_configs(x.element_size()):
-            for vname, flags in variants or _conv_variants():
+        for vname, flags in variants or _conv_variants():
+            for cfg in K.all_configs(x.element_size(), flags.get("NUM_MIX", 0)):
                 with offline_target(arch):
                     k = K.conv2d_kernel.warmup(
                         x, w, vec, vec, vec, x, out, out, 2, 16, 16, 16, 16, 64, 64,
@@ -188,11 +192,97 @@ def bn_act_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
         k = K.batch_stats_combine_kernel.warmup(vec, vec, vec, 64, 4, BLOCK_C=1024, num_warps=K.NUM_WARPS,
                                                 grid=(1,))
     rows.append(_row("batch_stats_combine", "fp32", f"1024 w{K.NUM_WARPS}", arch, k))
+    return rows + bn_act_backward_rows(arch, dtypes)
+
+
+def _bn_act_backward_variants():
+    """(name, flags): pass 1 with every output (eval-mode gx, residual grad, both sums) and the
+    training-mode gx pass, both with silu recomputed from x and the residual (the most loads)."""
+    common = dict(ACT=3, HAS_SCALE=True, HAS_SHIFT=True, HAS_RESIDUAL=True)
+    return [("pass1 all-outputs", dict(common, STORE_GRES=True, SUM_G=True, SUM_GX=True, GX=1)),
+            ("pass2 train-gx", dict(common, STORE_GRES=False, SUM_G=False, SUM_GX=False, GX=2))]
+
+
+def bn_act_backward_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
+    from fastres.kernels import bn_act as K
+    rows = []
+    vec = torch.empty(64, dtype=torch.float32)
+    for dname in dtypes:
+        for bp, bc in K.all_blocks(K.BACKWARD_ELEMENTS):
+            # one channel wide is the NCHW tile, wider ones are channels_last tiles
+            x = torch.empty(2, 64, 16, 16, dtype=DTYPES[dname])
+            x = x if bc == 1 else x.to(memory_format=CL)
+            for vname, flags in _bn_act_backward_variants():
+                with offline_target(arch):
+                    k = K.bn_act_backward_kernel.warmup(
+                        x, x, vec, vec, x, x, vec, vec, x, x, vec, 512, 64, 256, 16, 4, *x.stride() * 6,
+                        **flags, BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS, grid=(1,))
+                rows.append(_row("bn_act_backward", f"{dname} {vname}", f"{bp}x{bc} w{K.NUM_WARPS}", arch, k))
+    with offline_target(arch):
+        k = K.bn_act_backward_combine_kernel.warmup(vec, vec, vec, 64, 4, 512.0, TRAINING=True, BLOCK_C=1024,
+                                                    num_warps=K.NUM_WARPS, grid=(1,))
+    rows.append(_row("bn_act_backward_combine", "fp32 training", f"1024 w{K.NUM_WARPS}", arch, k))
+    return rows
+
+
+def se_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
+    """se_gate_act forward and backward with a residual and silu (the most loads), every tile."""
+    from fastres.kernels import se as K
+    rows = []
+    vec = torch.empty(64, dtype=torch.float32)
+    for dname in dtypes:
+        dt = DTYPES[dname]
+        gate = torch.empty(2, 64, dtype=dt)
+        nchw = torch.empty(2, 64, 16, 16, dtype=dt)
+        # pick_blocks gives NCHW inputs every tile shape, channels_last ones those 2+ channels wide
+        for bp, bc in K.all_blocks():
+            conf = f"{bp}x{bc} w{K.NUM_WARPS}"
+            for fmt, x in [("nchw", nchw)] + ([("cl", nchw.to(memory_format=CL))] if bc > 1 else []):
+                with offline_target(arch):
+                    k = K.se_gate_act_kernel.warmup(
+                        x, gate, x, x, 64, 256, 16, *x.stride(), *gate.stride(), *x.stride() * 2,
+                        HAS_RESIDUAL=True, ACT=3, BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS, grid=(1,))
+                rows.append(_row("se_gate_act", f"{dname} {fmt} residual silu", conf, arch, k))
+                with offline_target(arch):
+                    k = K.se_gate_act_backward_kernel.warmup(
+                        x, x, gate, x, x, x, x, vec, 2, 64, 256, 16, 4, *x.stride() * 2, *gate.stride(),
+                        *x.stride() * 4, HAS_RESIDUAL=True, ACT=3, BLOCK_P=bp, BLOCK_C=bc,
+                        num_warps=K.NUM_WARPS, grid=(1,))
+                rows.append(_row("se_gate_act_backward", f"{dname} {fmt} residual silu", conf, arch, k))
+        with offline_target(arch):
+            k = K.se_gate_grad_combine_kernel.warmup(vec, gate, gate, 64, 128, 4, *gate.stride(),
+                                                     BLOCK=K.COMBINE_BLOCK, num_warps=K.NUM_WARPS, grid=(1,))
+        rows.append(_row("se_gate_grad_combine", dname, f"{K.COMBINE_BLOCK} w{K.NUM_WARPS}", arch, k))
+    return rows
+
+
+def depthwise_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
+    """The direct depthwise conv: every tile pick_config can return, plain and with every fusion."""
+    from fastres.kernels import depthwise as K
+    variants = [(name, flags) for name, flags in _conv_variants() if name in ("plain", "all-fusions")]
+    rows = []
+    for dname in dtypes:
+        dt = DTYPES[dname]
+        for cfg in K.all_configs(dt.itemsize):
+            # 3x3, 64 channels; one channel wide is the NCHW tile, wider ones channels_last tiles
+            fmt = torch.contiguous_format if cfg.BLOCK_C == 1 else CL
+            x = torch.empty(2, 64, 16, 16, dtype=dt).to(memory_format=fmt)
+            w = torch.empty(64, 1, 3, 3, dtype=dt).to(memory_format=fmt)
+            vec = torch.empty(64, dtype=torch.float32)
+            for vname, flags in variants:
+                with offline_target(arch):
+                    k = K.depthwise_conv2d_kernel.warmup(
+                        x, w, vec, vec, vec, x, x, x, 2, 16, 16, 16, 16, 64, 1,
+                        *x.stride(), *x.stride(), w.stride(0), w.stride(2), w.stride(3), *x.stride(), *x.stride(),
+                        1, 1, 1, 1, 1, 1, R=3, S=3, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C,
+                        num_warps=cfg.num_warps, grid=(1,))
+                rows.append(_row("depthwise_conv2d", f"{dname} {vname}",
+                                 f"{cfg.BLOCK_M}x{cfg.BLOCK_C} w{cfg.num_warps}", arch, k))
     return rows
 
 
 def report(archs=ARCHS) -> list[Row]:
-    return [r for a in archs for r in conv_rows(a) + bn_act_rows(a)]
+    return [r for a in archs for r in conv_rows(a) + bn_act_rows(a) + se_rows(a) + depthwise_rows(a)]
 
 
 def format_table(rows: list[Row]) -> str:

@@ -8,11 +8,14 @@ channel chunk is contiguous), NCHW and channel slices of a larger buffer all wor
 
 Fused, each a `tl.constexpr` flag (every variant is its own specialised kernel):
   prologue, on every loaded input tile, before the dot:
-    a = x + addend                  HAS_ADDEND (Res2Net's x_i + y_{i-1}), rounded to x's dtype
-    z = a * scale[c] + shift[c]     HAS_PRE_SCALE / HAS_PRE_SHIFT (a BN folded on the host), fp32
+    x = sum_i mix[i] * x_i          NUM_MIX > 0: a weighted sum of NUM_MIX equally strided inputs
+                                    (slots of one buffer, s_mix elements apart), fp32, rounded to
+                                    x's dtype; DAG connectivity (fastres.ops.mix)
+    z = x * scale[c] + shift[c]     HAS_PRE_SCALE / HAS_PRE_SHIFT (a BN folded on the host), fp32
     a = pre_act(z)                  PRE_ACT
     a = 0 at padded pixels          re-zeroed AFTER the activation: pre_act(BN(0)) is not 0
     a rounded to x's dtype          (the reference rounds its prologue output the same way)
+    a = a + addend                  HAS_ADDEND (Res2Net's relu(bn(x_i)) + y_{i-1}), rounded again
   epilogue, on the fp32 accumulator:
     out = act(acc + bias[k] + residual)   HAS_BIAS, HAS_RESIDUAL, ACT; cast to out's dtype
 
@@ -55,8 +58,9 @@ def conv2d_kernel(
     PRE_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    mix_ptr=None, s_mix=0, NUM_MIX: tl.constexpr = 0,
 ):
-    """out = act(conv2d(pre_act((x + addend) * pre_scale + pre_shift), w) + bias + residual).
+    """out = act(conv2d(pre_act(x * pre_scale + pre_shift) + addend, w) + bias + residual).
 
     x_ptr       (N, G*CG, H, W)     input, any strides (sx*)
     w_ptr       (G*KG, CG, R, S)    weight, any strides (sw*), x's dtype
@@ -67,6 +71,9 @@ def conv2d_kernel(
     out_ptr     (N, G*KG, OH, OW)   output, strides so*
     stride_*, pad_*, dil_*          the convolution's geometry; R, S the filter size
     DOT_PRECISION                   tl.dot input_precision ("ieee" or "tf32"; ignored for 16-bit)
+    mix_ptr     (NUM_MIX,)          fp32 weights of the NUM_MIX sum; x_ptr points at input 0, input
+                                    i starts i * s_mix elements further, with x's strides (NUM_MIX
+                                    is a count, unrolled: one specialisation per count)
     DOT_UPCAST                      feed tl.dot fp32 copies of the tiles: only for bf16 under
                                     TRITON_INTERPRET=1, whose dot multiplies bf16's raw bits;
                                     bf16 x bf16 products are exact in fp32, so numerics match
@@ -106,12 +113,18 @@ def conv2d_kernel(
         cx = (g * CG + c).to(tl.int64)                                           # input channel
         a_ok = pix_ok[:, None] & c_ok[None, :]
         x_pix = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw           # [BLOCK_M]
-        a = tl.load(x_ptr + (x_pix[:, None] + cx[None, :] * sxc), mask=a_ok, other=0.0)
-        if HAS_ADDEND or HAS_PRE_SCALE or HAS_PRE_SHIFT or PRE_ACT != 0:
-            if HAS_ADDEND:
-                a_pix = n * san + ih.to(tl.int64) * sah + iw.to(tl.int64) * saw
-                add = tl.load(addend_ptr + (a_pix[:, None] + cx[None, :] * sac), mask=a_ok, other=0.0)
-                a = (a.to(tl.float32) + add.to(tl.float32)).to(x_ptr.dtype.element_ty)   # x + addend, rounded
+        x_off = x_pix[:, None] + cx[None, :] * sxc
+        a = tl.load(x_ptr + x_off, mask=a_ok, other=0.0)
+        if HAS_ADDEND:   # zero at padded pixels, like a
+            a_pix = n * san + ih.to(tl.int64) * sah + iw.to(tl.int64) * saw
+            add = tl.load(addend_ptr + (a_pix[:, None] + cx[None, :] * sac), mask=a_ok, other=0.0)
+        if NUM_MIX > 0:   # unrolled: a runtime loop here would stop the pipelining of the loads
+            zm = a.to(tl.float32) * tl.load(mix_ptr)
+            for i in tl.static_range(1, NUM_MIX):
+                xi = tl.load(x_ptr + (i * (s_mix + tl.zeros((), tl.int64)) + x_off), mask=a_ok, other=0.0)
+                zm += xi.to(tl.float32) * tl.load(mix_ptr + i)
+            a = zm.to(x_ptr.dtype.element_ty)                                    # sum_i mix_i x_i, rounded
+        if HAS_PRE_SCALE or HAS_PRE_SHIFT or PRE_ACT != 0:
             z = a.to(tl.float32)
             if HAS_PRE_SCALE:
                 z = z * tl.load(pre_scale_ptr + cx, mask=c_ok, other=0.0)[None, :]
@@ -119,6 +132,8 @@ def conv2d_kernel(
                 z = z + tl.load(pre_shift_ptr + cx, mask=c_ok, other=0.0)[None, :]
             z = apply_act(z, PRE_ACT)
             a = tl.where(a_ok, z, 0.0).to(x_ptr.dtype.element_ty)
+        if HAS_ADDEND:
+            a = (a.to(tl.float32) + add.to(tl.float32)).to(x_ptr.dtype.element_ty)   # + addend, rounded
         b = tl.load(w_k[None, :] + (c[:, None] * swc + r * swr + s * sws),
                     mask=c_ok[:, None] & k_ok[None, :], other=0.0)               # [BLOCK_C, BLOCK_N]
         if DOT_UPCAST:
@@ -152,20 +167,24 @@ NUM_STAGES = 3
 BLOCK_M = 64       # 128 rows with a fused prologue spill on sm_80 and sm_90 (4 warps)
 BLOCK_NS = (32, 64, 128)    # output channels per tile: the smallest that covers K/G, capped
 BLOCK_CS = (16, 32, 64)     # input channels per chunk: 128 bytes at most (64 x 16-bit, 32 x fp32)
+MAX_MIX = 8        # inputs a NUM_MIX sum takes: each one's tile is staged in shared memory
+MIX_BYTES = 384    # above 3 inputs, NUM_MIX x BLOCK_C x element size per pixel is capped at this
 
 
 def _cover(n: int, choices: tuple[int, ...]) -> int:
     return next((b for b in choices if b >= n), choices[-1])
 
 
-def pick_config(channels_per_group: int, out_channels_per_group: int, elem_bytes: int) -> Config:
+def pick_config(channels_per_group: int, out_channels_per_group: int, elem_bytes: int, num_mix: int = 0) -> Config:
     """The tile for one conv: BLOCK_N covers K/G, BLOCK_C covers C/G, both capped (a chunk of at
-    most 128 bytes per pixel, so an fp32 A+B stage fits shared memory three times over)."""
-    cs = tuple(b for b in BLOCK_CS if b * elem_bytes <= 128)
+    most 128 bytes per pixel, so an fp32 A+B stage fits shared memory three times over). A sum of
+    `num_mix` > 3 inputs stages that many A tiles: its chunk shrinks to MIX_BYTES / num_mix."""
+    limit = 128 if num_mix <= 3 else MIX_BYTES // num_mix
+    cs = tuple(b for b in BLOCK_CS if b * elem_bytes <= limit) or BLOCK_CS[:1]
     return Config(BLOCK_M, _cover(out_channels_per_group, BLOCK_NS), _cover(channels_per_group, cs),
                   NUM_WARPS, NUM_STAGES)
 
 
-def all_configs(elem_bytes: int) -> list[Config]:
-    """Every config pick_config can return for this element size."""
-    return sorted({pick_config(c, k, elem_bytes) for c in BLOCK_CS for k in BLOCK_NS})
+def all_configs(elem_bytes: int, num_mix: int = 0) -> list[Config]:
+    """Every config pick_config can return for this element size (and NUM_MIX count)."""
+    return sorted({pick_config(c, k, elem_bytes, num_mix) for c in BLOCK_CS for k in BLOCK_NS})

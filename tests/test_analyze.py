@@ -70,6 +70,20 @@ def test_degradation_quick(tmp_path):
     assert all(r["steps"][-1] == 6 for r in out["results"].values())
 
 
+def test_dag_quick(tmp_path):
+    out = run_quick(tmp_path, "dag")
+    res = out["results"]
+    assert set(res) == {"residual", "dense", "learned"}
+    layers = out["config"]["layers"]
+    for r in res.values():
+        assert len(r["train_loss"]) == 4 and 0 <= r["test_acc"] <= 100
+        assert len(r["adjacency"]) == out["config"]["stages"]
+    residual = torch.tensor(res["residual"]["adjacency"][0])
+    assert torch.equal(residual, torch.ones(layers + 2, layers + 2).triu(1))
+    learned = torch.tensor(res["learned"]["adjacency"][0])
+    assert learned.shape == residual.shape and not torch.equal(learned, residual)   # the edges trained
+
+
 def test_remove_shortcut_gives_the_plain_block():
     """A v1 block without its shortcut is relu(bn2(conv2(relu(bn1(conv1 x))))); a unit-e block is
     conv2(relu(bn2(conv1(relu(bn1 x)))))."""

@@ -5,6 +5,7 @@
     units        identity-mapping units a-e at equal depth (He et al. 2016)
     degradation  plain vs residual nets, shallow vs deep, training error (He et al. 2015)
     rank         output rank of a random layer f(WX) vs d_in/d_out (Han et al., ReXNet)
+    dag          residual vs dense vs learned connectivity of DAG blocks, learned adjacency
 
 Each subcommand is seeded, prints a table, and writes `--json PATH` and `--plot PATH` (PNG,
 needs matplotlib); `--quick` runs it at a tiny size in seconds.
@@ -18,13 +19,13 @@ import argparse
 import sys
 from typing import Optional
 
-from fastres.analyze import degradation, lesion, rank, shattered, units
+from fastres.analyze import dag, degradation, lesion, rank, shattered, units
 
-MODULES = (shattered, lesion, units, degradation, rank)
+MODULES = (shattered, lesion, units, degradation, rank, dag)
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `analyze` and its five subcommands to `subparsers`; returns the `analyze` parser."""
+    """Add `analyze` and its subcommands to `subparsers`; returns the `analyze` parser."""
     p = subparsers.add_parser("analyze", help="residual-network claims reproduced at CPU scale",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")

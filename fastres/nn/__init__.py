@@ -8,3 +8,4 @@ from fastres.nn.rexnet import ConvNormAct, LinearBottleneck  # noqa: F401,E402
 from fastres.nn.preact import PreActBasicBlock, PreActBottleneck, PreActProjection  # noqa: F401,E402
 from fastres.nn.wide import WideBasic  # noqa: F401,E402
 from fastres.nn.sync_bn import SyncBatchNorm2d  # noqa: F401,E402
+from fastres.nn.dag import DAGBlock  # noqa: F401,E402

@@ -1,8 +1,8 @@
 """2-D convolution with a fused prologue and epilogue.
 
-    a   = pre_act(BN(x + addend))          prologue: BN-act pre-activation (pre_weight, pre_bias,
+    a   = pre_act(BN(x)) + addend          prologue: BN-act pre-activation (pre_weight, pre_bias,
                                            pre_mean, pre_invstd; `pre_training` when they are the
-                                           batch statistics of x), Res2Net's x_i + y_{i-1}
+                                           batch statistics of x), then Res2Net's + y_{i-1}
     out = act(conv(a, weight) + bias + residual)   epilogue: folded BN, residual, activation
 
 Every prologue/epilogue input is optional. Padded pixels are zeros of `a` (after the prologue).
@@ -35,18 +35,28 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
     check_act(pre_act)
     check_act(act)
     check_bn("conv2d", x, pre_mean, pre_invstd, pre_training)
-    if pre_training and addend is not None:
-        raise ValueError("fastres.conv2d: a batch-statistics prologue cannot take an addend")
     args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, pre_weight,
             pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
     return B.choose("conv2d", backend, x.device, args)(*args)
+
+
+def _strides_like_channels_last(t: Tensor) -> bool:
+    """ATen's test (is_channels_last_strides_2d): strides non-decreasing in the order C, W, H, N.
+    It also decides the ambiguous case of one channel, e.g. a depthwise (K, 1, R, S) weight."""
+    bound = 0
+    for d in (1, 3, 2, 0):
+        if t.shape[d] == 0 or t.stride(d) < bound or (d == 0 and bound == t.stride(1)):
+            return False
+        bound = t.stride(d) * max(t.shape[d], 1)
+    return True
 
 
 def _memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout ATen's convolution gives its output: channels_last if either operand has
     channels-last strides (also a channel slice of a channels_last buffer)."""
     def cl(t: Tensor) -> bool:
-        return t.stride(1) == 1 and t.stride(3) != 1 and not t.is_contiguous()
+        return (t.stride(1) == 1 and t.stride(3) != 1 and not t.is_contiguous()
+                or t.is_contiguous(memory_format=torch.channels_last) and _strides_like_channels_last(t))
     return torch.channels_last if cl(x) or cl(weight) else torch.contiguous_format
 
 
@@ -65,8 +75,11 @@ def _setup(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean, pre_invstd,
      pre_act, pre_training, addend, residual, act, backend) = inputs
     ctx.conf = (list(stride), list(padding), list(dilation), groups, pre_act, pre_training, act)
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    # the epilogue's mask comes from the output (relu family) or, for silu, from a recomputed
+    # pre-activation that needs the residual; nothing else of the epilogue is kept
     ctx.save_for_backward(x, weight, bias, pre_weight, pre_bias, pre_mean, pre_invstd, addend,
-                          residual, output if act in ("relu", "relu6") else None)  # the mask, never silu's input
+                          residual if act == "silu" else None, output if act in ("relu", "relu6") else None)
 
 
 def _backward(ctx, grad):
@@ -82,6 +95,8 @@ def _backward(ctx, grad):
     result = [None] * 17
     for i, g in zip(_GRAD_INPUTS, grads):
         result[i] = g
+    if result[14] is not None:
+        result[14] = result[14].to(ctx.residual_dtype)
     return tuple(result)
 
 
@@ -157,12 +172,10 @@ def conv2d_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seq
 
 
 def materialise_prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd, pre_act: str) -> Tensor:
-    """a = pre_act(BN(x + addend)) in one native pass (the identity prologue returns x itself)."""
-    if addend is not None:
-        x = x + addend
-    if pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity":
-        return x
-    return torch.ops.fastres_native.bn_act(x, pw, pb, pmean, pinvstd, None, pre_act)
+    """a = pre_act(BN(x)) + addend in native passes (the identity prologue returns x itself)."""
+    if not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity"):
+        x = torch.ops.fastres_native.bn_act(x, pw, pb, pmean, pinvstd, None, pre_act)
+    return x if addend is None else x + addend
 
 
 def _conv2d_native_supports(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias,
@@ -218,14 +231,20 @@ def _dot_precision(x: Tensor) -> str:
 
 @B.register("conv2d", "triton", supports=_triton_conv2d_supports)
 def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
-                  pre_invstd, pre_act, pre_training, addend, residual, act, *, config=None):
-    """One fused implicit-GEMM kernel; `config` (a kernels.conv.Config) overrides the heuristic."""
+                  pre_invstd, pre_act, pre_training, addend, residual, act, *, config=None, mix=None):
+    """One fused implicit-GEMM kernel; `config` (a kernels.conv.Config) overrides the heuristic.
+    Depthwise convs (groups == C) run the direct kernel instead unless a `config` is given.
+    `mix`: the kernel's NUM_MIX arguments (fastres.ops.mix), x then being input 0 of the sum."""
     import os
 
     import triton
 
     from fastres.kernels import conv as K
+    from fastres.kernels import depthwise as D
     from fastres.ops.bn_act import triton_device
+    if mix is None and config is None and D.unsupported(x.shape[1], weight.shape[0], groups) is None:
+        return conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weight, pre_bias,
+                                       pre_mean, pre_invstd, pre_act, addend, residual, act)
     scale, shift = ref.scale_shift(pre_weight, pre_bias, pre_mean, pre_invstd, x)
     shape = out_shape(x, weight, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x, weight))
@@ -249,6 +268,40 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
             HAS_RESIDUAL=residual is not None, ACT=K.ACTS[act], DOT_PRECISION=_dot_precision(x),
             DOT_UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(mix or {}))
+    return out
+
+
+def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weight, pre_bias, pre_mean,
+                            pre_invstd, pre_act, addend, residual, act, *, config=None):
+    """A depthwise conv (groups == C, K = m*C) in one direct kernel with the same fusions;
+    `config` (a kernels.depthwise.Config) overrides the heuristic."""
+    import triton
+
+    from fastres.kernels import depthwise as D
+    from fastres.kernels.conv import ACTS
+    from fastres.ops.bn_act import triton_device
+    scale, shift = ref.scale_shift(pre_weight, pre_bias, pre_mean, pre_invstd, x)
+    shape = out_shape(x, weight, stride, padding, dilation)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x, weight))
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    cfg = config or D.pick_config(k, x.stride(1) == 1 and c > 1, x.element_size())
+    grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(k, cfg.BLOCK_C))
+    zero4 = (0, 0, 0, 0)
+    with triton_device(x):
+        D.depthwise_conv2d_kernel[grid](
+            x, weight, bias if bias is not None else x, scale if scale is not None else x,
+            shift if shift is not None else x, addend if addend is not None else x,
+            residual if residual is not None else x, out,
+            n, h, w, shape[2], shape[3], k, k // c,
+            *x.stride(), *(addend.stride() if addend is not None else zero4),
+            weight.stride(0), weight.stride(2), weight.stride(3),
+            *(residual.stride() if residual is not None else zero4), *out.stride(),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            R=r, S=s, HAS_ADDEND=addend is not None, HAS_PRE_SCALE=scale is not None,
+            HAS_PRE_SHIFT=shift is not None, PRE_ACT=ACTS[pre_act], HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, ACT=ACTS[act],
+            BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps)
     return out
 # ==== end of the triton implementation ========================================================

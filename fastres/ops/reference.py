@@ -59,7 +59,7 @@ def act_backward(g: Tensor, act: str, *, z: Optional[Tensor] = None, y: Optional
 def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                 invstd: Optional[Tensor], x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Per-channel (scale, shift) with z = x * scale + shift, in x's accumulation dtype."""
-    acc = _acc(x).dtype
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # no copy of x
     scale = invstd.to(acc) if invstd is not None else None
     if weight is not None:
         scale = weight.to(acc) if scale is None else scale * weight.to(acc)
@@ -150,13 +150,14 @@ def batch_stats_backward(gmean: Tensor, gvar: Tensor, x: Tensor, mean: Tensor) -
 # ---- convolution with fused prologue and epilogue --------------------------------------------
 def prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd,
              pre_act: str) -> tuple[Tensor, Optional[Tensor]]:
-    """The conv input a = pre_act(BN(x + addend)), and the pre-activation z it came from (None
-    when the prologue is the identity)."""
-    if addend is None and pw is None and pb is None and pmean is None and pinvstd is None \
-            and pre_act == "identity":
-        return x, None
-    z = bn_pre(x if addend is None else x + addend, pw, pb, pmean, pinvstd, None)
-    return apply_act(z, pre_act).to(x.dtype), z
+    """The conv input a = pre_act(BN(x)) + addend (each step rounded to x's dtype), and the
+    pre-activation z of the BN-act (None when that is the identity)."""
+    z = None
+    a = x
+    if not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity"):
+        z = bn_pre(x, pw, pb, pmean, pinvstd, None)
+        a = apply_act(z, pre_act).to(x.dtype)
+    return (a if addend is None else a + addend), z
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
@@ -183,7 +184,7 @@ def conv2d_backward(grad: Tensor, out: Optional[Tensor], x: Tensor, weight: Tens
         gz = act_backward(_acc(grad), act, z=zc)
     else:
         gz = act_backward(_acc(grad), act, y=out)
-    gres = gz.to(residual.dtype) if nres else None
+    gres = gz.to(grad.dtype if residual is None else residual.dtype) if nres else None
     gb = gz.sum(_reduce_dims(gz)).to(bias.dtype) if nb else None
     gz = gz.to(grad.dtype)
     need_ga = nx or npw or npb or nadd
@@ -195,11 +196,10 @@ def conv2d_backward(grad: Tensor, out: Optional[Tensor], x: Tensor, weight: Tens
             gx = ga
         else:
             gpz = act_backward(_acc(ga), pre_act, z=z)
-            src = x if addend is None else x + addend
-            gx, gpw, gpb = bn_backward(gpz, src, pre_weight, pre_mean, pre_invstd, pre_training,
-                                       nx or nadd, npw, npb)
+            gx, gpw, gpb = bn_backward(gpz, x, pre_weight, pre_mean, pre_invstd, pre_training,
+                                       nx, npw, npb)
             gpb = gpb.to(pre_bias.dtype) if gpb is not None else None
-    return (gx if nx else None), gw, gb, gpw, gpb, (gx if nadd else None), gres
+    return gx, gw, gb, gpw, gpb, (ga if nadd else None), gres
 
 
 # ---- squeeze-excitation gate -----------------------------------------------------------------
@@ -224,3 +224,44 @@ def se_gate_act_backward(grad: Tensor, x: Tensor, gate: Tensor, residual: Option
     ggate = ((gz * _acc(x)).sum(list(range(2, x.dim()))) * (s * (1 - s)).view(gate.shape)).to(gate.dtype)
     gres = gz.to(residual.dtype) if residual is not None else None
     return gx, ggate, gres
+
+
+# ---- weighted sum of states, and a convolution of it (DAG connectivity) ----------------------
+def mix_sum(states: Tensor, mix: Tensor) -> Tensor:
+    """sum_i mix[i] * states[i] over dim 0 of `states` (S, N, C, H, W), accumulated in order in
+    the accumulation dtype and rounded once to states' dtype; each slot's layout is kept.
+    Differentiable with plain autograd (the DAG block's output uses it as it is)."""
+    acc = _acc(states[0]) * mix[0]
+    for i in range(1, states.shape[0]):
+        acc = acc + _acc(states[i]) * mix[i]
+    return acc.to(states.dtype)
+
+
+def mix_conv2d(states: Tensor, mix: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+               padding: Sequence[int], dilation: Sequence[int], groups: int, act: str) -> Tensor:
+    y = F.conv2d(mix_sum(states, mix), weight, bias, stride, padding, dilation, groups)
+    return y if act == "identity" else bn_act(y, None, None, None, None, None, act)
+
+
+def mix_conv2d_backward(grad: Tensor, out: Optional[Tensor], states: Tensor, mix: Tensor, weight: Tensor,
+                        bias: Optional[Tensor], stride, padding, dilation, groups: int, act: str,
+                        needs: Sequence[bool]):
+    """Grads of (states, mix, weight, bias), None where not needed. The weighted sum is recomputed
+    from the states; the epilogue's mask comes from `out` (silu recomputes the conv output)."""
+    ns, nm, nw, nb = needs
+    a = mix_sum(states, mix)
+    if act == "silu":
+        gz = act_backward(_acc(grad), act, z=_acc(F.conv2d(a, weight, bias, stride, padding, dilation, groups)))
+    else:
+        gz = act_backward(_acc(grad), act, y=out)
+    gb = gz.sum(_reduce_dims(gz)).to(bias.dtype) if nb else None
+    ga, gw, _ = torch.ops.aten.convolution_backward(
+        gz.to(grad.dtype), a, weight, None, stride, padding, dilation, False, [0, 0], groups, [ns or nm, nw, False])
+    gs = gm = None
+    if ns:
+        gs = torch.empty_like(states)
+        for i in range(states.shape[0]):
+            gs[i].copy_(_acc(ga) * mix[i])
+    if nm:
+        gm = torch.stack([(_acc(ga) * _acc(states[i])).sum() for i in range(states.shape[0])]).to(mix.dtype)
+    return gs, gm, (gw if nw else None), gb

@@ -36,6 +36,31 @@ def test_bn_act_kernels_compile_without_spills(arch):
     bad = [f"{r.kernel} {r.variant} {r.config}: {'; '.join(r.problems)}" for r in rows if r.problems]
     assert not bad, "\n" + G.format_table(rows)
     assert len({r.config for r in rows if r.kernel == "bn_act"}) == len(K.all_blocks())
+    backward = {r.config for r in rows if r.kernel == "bn_act_backward"}
+    assert len(backward) == len(K.all_blocks(K.BACKWARD_ELEMENTS))
+
+
+@pytest.mark.parametrize("arch", G.ARCHS, ids=lambda a: f"sm_{a}")
+def test_se_kernels_compile_without_spills(arch):
+    from fastres.kernels import se as K
+    rows = G.se_rows(arch)
+    bad = [f"{r.kernel} {r.variant} {r.config}: {'; '.join(r.problems)}" for r in rows if r.problems]
+    assert not bad, "\n" + G.format_table(rows)
+    for kernel in ("se_gate_act", "se_gate_act_backward"):
+        assert len({r.config for r in rows if r.kernel == kernel}) == len(K.all_blocks())
+    assert any(r.kernel == "se_gate_grad_combine" for r in rows)
+
+
+@pytest.mark.parametrize("arch", G.ARCHS, ids=lambda a: f"sm_{a}")
+def test_depthwise_conv2d_compiles_without_spills(arch):
+    from fastres.kernels import depthwise as K
+    rows = G.depthwise_rows(arch)
+    bad = [f"{r.variant} {r.config}: {'; '.join(r.problems)}" for r in rows if r.problems]
+    assert not bad, "\n" + G.format_table(rows)
+    for dname in ("bf16", "fp32"):
+        compiled = {r.config for r in rows if r.variant.startswith(dname)}
+        assert len(compiled) == len(K.all_configs(G.DTYPES[dname].itemsize)) >= 7
+    assert all(r.regs <= G.MAX_REGS and not r.mma and not r.wgmma for r in rows), G.format_table(rows)
 
 
 def test_resource_usage_parses_cuobjdump():
