@@ -11,6 +11,8 @@ TORCH_LIBRARY(fastres_native, m) {
         "Tensor? residual, Tensor? out, str act, bool training, bool[] output_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("bn_act_pool2d(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? invstd, str act, str kind, "
+        "int[] kernel_size, int[] stride, int[] padding) -> Tensor");
 }
 
 #ifdef FASTRES_WITH_CUDA

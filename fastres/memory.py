@@ -53,3 +53,88 @@ def memory_report(model: nn.Module, x: torch.Tensor, *, name: str = "model") -> 
     eager = copy.deepcopy(model)
     fused = fastres.convert(model)
     return MemoryReport(name, saved_activation_bytes(eager, x), saved_activation_bytes(fused, x))
+
+
+# ---- the table: python -m fastres.memory -------------------------------------------------------
+def _preact_resnet164_eager() -> nn.Module:
+    """CIFAR pre-activation ResNet-164 (unit e) built from timm's resnetv2 blocks: plain PyTorch
+    modules, the eager twin of `fastres.models.preact_resnet164` (same architecture and
+    parameter count), which `fastres.convert` turns into fastres blocks."""
+    import functools
+
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from timm.models import resnetv2
+
+    from fastres.models.cifar import CifarResNet
+
+    def block(cin: int, cout: int, stride: int) -> nn.Module:
+        proj = (functools.partial(resnetv2.DownsampleConv, preact=True)
+                if cin != cout or stride != 1 else None)
+        return resnetv2.PreActBottleneck(cin, cout, 0.25, stride, conv_layer=functools.partial(create_conv2d, bias=False),
+                                         norm_layer=BatchNormAct2d, proj_layer=proj)
+
+    return CifarResNet(block, (64, 128, 256), 18, stem_act=None,
+                       head=nn.Sequential(nn.BatchNorm2d(256), nn.ReLU()), num_classes=10)
+
+
+def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    import timm
+    import torchvision
+    return {
+        "preact_resnet164": (_preact_resnet164_eager, (8, 3, 32, 32)),
+        "densenet121": (torchvision.models.densenet121, (8, 3, 64, 64)),
+        "resnet50": (torchvision.models.resnet50, (8, 3, 64, 64)),
+        "res2net50_26w_4s": (lambda: timm.create_model("res2net50_26w_4s"), (8, 3, 64, 64)),
+    }
+
+
+def step_seconds(model: nn.Module, x: torch.Tensor, *, repeats: int = 5) -> float:
+    """Median seconds of one SGD training step (forward, backward, update) after a warm-up step."""
+    import time
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model(x).float().square().mean().backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[repeats // 2]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Saved-for-backward bytes and CPU training-step time, eager vs fastres, per model."""
+    import argparse
+
+    import fastres
+    p = argparse.ArgumentParser(prog="python -m fastres.memory", description=main.__doc__)
+    p.add_argument("--models", default=",".join(_models()), help="comma-separated subset")
+    p.add_argument("--repeats", type=int, default=5, help="timed training steps per provider (median)")
+    args = p.parse_args(argv)
+    table = _models()
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(table)}")
+    mb = 1 << 20
+    print(f"{'model':<18}{'input':<16}{'eager MiB':>10}{'fastres MiB':>12}{'ratio':>7}"
+          f"{'eager s/step':>14}{'eager_cl':>10}{'fastres_cl':>11}{'time ratio':>11}")
+    for name in names:
+        build, shape = table[name]
+        torch.manual_seed(0)
+        model = build()
+        x = torch.randn(*shape)
+        rep = memory_report(model, x, name=name)
+        cl = torch.channels_last
+        eager = step_seconds(copy.deepcopy(model), x, repeats=args.repeats)
+        eager_cl = step_seconds(copy.deepcopy(model).to(memory_format=cl), x.to(memory_format=cl), repeats=args.repeats)
+        fused = step_seconds(fastres.convert(model).to(memory_format=cl), x.to(memory_format=cl), repeats=args.repeats)
+        print(f"{name:<18}{'x'.join(map(str, shape)):<16}{rep.eager / mb:>10.1f}{rep.fastres / mb:>12.1f}"
+              f"{rep.ratio:>6.2f}x{eager:>14.3f}{eager_cl:>10.3f}{fused:>11.3f}{fused / min(eager, eager_cl):>10.2f}x")
+    print(f"\n{torch.get_num_threads()} threads; time ratio = fastres / the faster eager layout")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,10 +1,11 @@
 """memory_report counts what autograd saves for backward, each storage once."""
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
 import fastres
-from fastres.memory import saved_activation_bytes
+from fastres.memory import _models, _preact_resnet164_eager, saved_activation_bytes
 
 
 def test_counts_each_storage_once_and_skips_parameters():
@@ -22,3 +23,23 @@ def test_preactivation_fused_into_the_conv_is_not_stored():
     report = fastres.memory_report(layer, x, name="dense layer")
     # eager keeps BN input, ReLU output (= conv input) per BN-ReLU-conv; fastres only the BN input
     assert report.fastres < 0.75 * report.eager, str(report)
+
+
+@pytest.mark.parametrize("name, goal", [("preact_resnet164", 0.6), ("densenet121", 0.6), ("resnet50", 0.8),
+                                        ("res2net50_26w_4s", 0.8)])
+def test_activation_memory_goals(name, goal):
+    """Bytes saved for one training step, fastres vs eager (deterministic, not a timing)."""
+    build, shape = _models()[name]
+    torch.manual_seed(0)
+    report = fastres.memory_report(build(), torch.randn(2, *shape[1:]), name=name)
+    assert report.ratio <= goal, str(report)
+
+
+def test_preact_resnet164_eager_twin_matches_the_fastres_builder():
+    """The twin the table measures is the same network as fastres.models.preact_resnet164."""
+    twin, ours = _preact_resnet164_eager(), fastres.models.preact_resnet164()
+    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in ours.parameters())
+    converted = fastres.convert(twin)
+    assert not fastres.conversion_report(converted).skipped
+    x = torch.randn(2, 3, 32, 32)
+    assert saved_activation_bytes(converted, x) == saved_activation_bytes(ours, x)

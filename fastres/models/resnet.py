@@ -12,7 +12,7 @@ from torchvision.models import resnet as tv
 
 from fastres.convert import as_subclass, rule
 from fastres.nn import inference as _inference
-from fastres.nn.norm_act import check_input, conv_bn, is_bn
+from fastres.nn.norm_act import bn_act_pool, bn_prologue, check_input, conv, conv_bn, is_bn, pool_kind
 from fastres.nn.resnet import BasicBlock, Bottleneck
 
 
@@ -21,11 +21,23 @@ class ResNet(tv.ResNet):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
-        x = self.maxpool(conv_bn(x, self.conv1, self.bn1, act="relu", backend=self.backend))
+        x = stem(x, self.conv1, self.bn1, self.maxpool, self.backend)
         owned = not _hooked(self.maxpool)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x, owned = _run_stage(layer, x, owned)
         return self.fc(self.avgpool(x).flatten(1))
+
+
+def stem(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, pool: nn.Module, backend: Optional[str]) -> Tensor:
+    """pool(relu(bn1(conv1(x)))). Training stores only the conv output (BN-ReLU and the argmax
+    are recomputed in backward); eval runs the conv with BN folded and ReLU fused, then the
+    pooling without an argmax."""
+    if pool_kind(pool) is None or _hooked(pool):
+        return pool(conv_bn(x, conv1, bn1, act="relu", backend=backend))
+    if bn1.training:
+        c = conv(x, conv1, backend=backend)
+        return bn_act_pool(c, bn_prologue(c, bn1, backend=backend), pool, backend=backend)
+    return bn_act_pool(conv_bn(x, conv1, bn1, act="relu", backend=backend), None, pool, backend=backend)
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -64,6 +76,14 @@ def _from_torchvision(m: nn.Module):
     if not is_bn(m.bn1) or type(m.relu) is not nn.ReLU:
         return "stem norm is not BatchNorm2d-like or its activation is not ReLU"
     return as_subclass(m, ResNet)
+
+
+@rule("timm.models.resnet.ResNet")
+def _from_timm(m: nn.Module):
+    if not is_bn(m.bn1) or type(m.act1) is not nn.ReLU:
+        return "stem norm is not BatchNorm2d-like or its activation is not ReLU"
+    from fastres.models.timm_resnet import TimmResNet
+    return as_subclass(m, TimmResNet)
 
 
 def _build(block: type, layers: list[int], **kwargs: Any) -> ResNet:

@@ -92,6 +92,29 @@ def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, *, pre_act: str = "relu",
                            residual=residual, process_group=group, backend=backend, **_conv_kw(conv))
 
 
+def bn_prologue(x: Tensor, bn: nn.Module, *, backend: Optional[str] = None) -> dict:
+    """`F.bn_prologue` with the arguments of `bn` (its statistics of `x` taken once)."""
+    args, group = bn_args(bn)
+    return F.bn_prologue(x, *args, process_group=group, backend=backend)
+
+
+def pool_kind(m: Optional[nn.Module]) -> Optional[str]:
+    """"max" / "avg" for a plain pooling layer `F.bn_act_pool2d` computes the same way (floor mode,
+    no dilation or indices, averages counting the padding), else None."""
+    if type(m) is nn.MaxPool2d and m.dilation in (1, (1, 1)) and not m.ceil_mode and not m.return_indices:
+        return "max"
+    if type(m) is nn.AvgPool2d and not m.ceil_mode and m.count_include_pad and m.divisor_override is None:
+        return "avg"
+    return None
+
+
+def bn_act_pool(x: Tensor, pre: Optional[dict], pool: nn.Module, *, backend: Optional[str] = None) -> Tensor:
+    """pool(relu(BN(x))) for a `pool_kind` layer, the ReLU recomputed in backward; pool(x) alone
+    (one pass, no argmax kept) without `pre`."""
+    return F.bn_act_pool2d(x, pre, pool_kind(pool), pool.kernel_size, pool.stride, pool.padding,
+                           act="relu" if pre else "identity", backend=backend)
+
+
 def norm_act(x: Tensor, bn: nn.Module, *, act: str = "relu", residual: Optional[Tensor] = None,
              backend: Optional[str] = None) -> Tensor:
     """act(bn(x) + residual) through `F.bn_act`."""
@@ -100,9 +123,14 @@ def norm_act(x: Tensor, bn: nn.Module, *, act: str = "relu", residual: Optional[
 
 
 def conv(x: Tensor, conv: nn.Conv2d, *, act: str = "identity", residual: Optional[Tensor] = None,
-         backend: Optional[str] = None) -> Tensor:
-    """act(conv(x) + bias + residual) through `F.conv2d`."""
-    return F.conv2d(x, conv.weight, conv.bias, act=act, residual=residual, backend=backend, **_conv_kw(conv))
+         pre: Optional[dict] = None, addend: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+         bias: bool = True, backend: Optional[str] = None) -> Tensor:
+    """act(conv(relu(BN(x)) + addend) + bias + residual) through `F.conv2d`, the BN-ReLU applied as
+    the conv loads x when `pre` (a `bn_prologue` of x) is given; `weight` (a slice of conv.weight)
+    and `bias=False` let a conv run as a sum of convs over slices of its input channels."""
+    prologue = dict(pre, pre_act="relu") if pre else {}
+    return F.conv2d(x, conv.weight if weight is None else weight, conv.bias if bias else None, act=act,
+                    residual=residual, addend=addend, backend=backend, **prologue, **_conv_kw(conv))
 
 
 def shortcut(downsample: Optional[nn.Module], x: Tensor, backend: Optional[str] = None) -> Tensor:

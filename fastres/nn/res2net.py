@@ -1,8 +1,9 @@
 """Res2Net / Res2NeXt Bottle2neck, drop-in for timm's (the official block), same state_dict keys.
 
-conv1-BN-ReLU is one fused op; each 3x3 split conv takes the hierarchical add x_i + y_{i-1} in
-its input load (the `addend` prologue) with BN-ReLU in its epilogue, so no add pass is stored;
-conv3-BN runs with the residual add and ReLU (and the SE gate, when present) fused.
+Eval: conv1-BN-ReLU is one fused op; each 3x3 split conv takes the hierarchical add x_i + y_{i-1}
+in its input load (the `addend` prologue) with BN-ReLU in its epilogue; conv3-BN runs with the
+residual add and ReLU (and the SE gate, when present) fused. Training stores only conv outputs:
+see `Bottle2neck._forward_train`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from fastres.convert import adopt, rule
-from fastres.nn.norm_act import check_input, conv_bn, is_bn, shortcut
-from fastres.nn.resnet import residual_branch
+from fastres import functional as F
+from fastres.nn.norm_act import bn_act_pool, bn_prologue, check_input, conv, conv_bn, is_bn, pool_kind, shortcut
+from fastres.nn.resnet import bn_residual_relu, residual_branch
 from fastres.nn.se import SqueezeExcite, block_se
 
 
@@ -63,16 +65,50 @@ class Bottle2neck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
         identity = shortcut(self.downsample, x, self.backend)
+        if self.bn1.training:
+            return self._forward_train(x, identity)
         out = conv_bn(x, self.conv1, self.bn1, act="relu", backend=self.backend)
         spx = torch.split(out, self.width, 1)  # views, no copies
         spo: list[Tensor] = []
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+        for i, (conv_i, bn_i) in enumerate(zip(self.convs, self.bns)):
             addend = None if i == 0 or self.is_first else spo[-1]
-            spo.append(conv_bn(spx[i], conv, bn, act="relu", addend=addend, backend=self.backend))
+            spo.append(conv_bn(spx[i], conv_i, bn_i, act="relu", addend=addend, backend=self.backend))
         if self.scale > 1:
             spo.append(spx[-1] if self.pool is None else self.pool(spx[-1]))
         out = torch.cat(spo, 1) if len(spo) > 1 else spo[0]
         return residual_branch(self, out, [(self.conv3, self.bn3)], identity)
+
+    def _forward_train(self, x: Tensor, identity: Tensor) -> Tensor:
+        """Training: only conv outputs are stored. Every BN-ReLU is applied as the convs that
+        read it load their input (split i reads relu(bn1(conv1(x)))_i in its prologue, plus
+        y_{i-1} as the addend); conv3 runs as a sum of 1x1 convs over the splits, each loading
+        relu(bn_i(c_i)) from its split's conv output, so the concatenation never exists. Only
+        the y_{i-1} addends (and the first block's pooled split) are materialised."""
+        b, w = self.backend, self.width
+        c1 = conv(x, self.conv1, backend=b)
+        p1 = bn_prologue(c1, self.bn1, backend=b)
+        parts: list[tuple[Tensor, Optional[dict]]] = []  # conv3's input per split: (tensor, BN-ReLU or None)
+        y = None
+        for i, (conv_i, bn_i) in enumerate(zip(self.convs, self.bns)):
+            split = slice(i * w, (i + 1) * w)
+            c = conv(c1[:, split], conv_i, pre=F.channels(p1, split), addend=y, backend=b)
+            p = bn_prologue(c, bn_i, backend=b)
+            parts.append((c, p))
+            if not self.is_first and i + 1 < len(self.convs):
+                y = F.bn_act_from(c, p, backend=b)
+        if self.scale > 1:
+            last = slice((self.scale - 1) * w, self.scale * w)
+            if self.pool is None:
+                parts.append((c1[:, last], F.channels(p1, last)))
+            elif pool_kind(self.pool) is not None:
+                parts.append((bn_act_pool(c1[:, last], F.channels(p1, last), self.pool, backend=b), None))
+            else:
+                parts.append((self.pool(F.bn_act_from(c1[:, last], F.channels(p1, last), backend=b)), None))
+        out = None
+        for j, (t, p) in enumerate(parts):
+            out = conv(t, self.conv3, pre=p, weight=self.conv3.weight[:, j * w:(j + 1) * w], bias=j == 0,
+                       residual=out, backend=b)
+        return bn_residual_relu(self, out, self.bn3, identity)
 
 
 @rule("timm.models.res2net.Bottle2neck")

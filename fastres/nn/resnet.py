@@ -48,21 +48,29 @@ def residual_branch(block: nn.Module, x: Tensor, layers: list[tuple[nn.Conv2d, n
     The SE gate (an `se` submodule, as timm's SE-ResNet; looked up in _modules because a class
     attribute would shadow it) runs in the same pass as the residual add and ReLU."""
     b = block.backend
-    se = block._modules.get("se")
     *inner, (conv_n, bn_n) = layers
     if layers[0][1].training:
         y = conv(x, inner[0][0] if inner else conv_n, backend=b)
         for (_, bn_prev), (conv_next, _) in zip(inner, inner[1:] + [(conv_n, bn_n)]):
             y = bn_conv(y, bn_prev, conv_next, pre_act="relu", backend=b)
-        if se is None:
-            return norm_act(y, bn_n, act="relu", residual=identity, backend=b)
-        y = norm_act(y, bn_n, act="identity", backend=b)
-    else:
-        for conv_i, bn_i in inner:
-            x = conv_bn(x, conv_i, bn_i, act="relu", backend=b)
-        if se is None:
-            return conv_bn(x, conv_n, bn_n, act="relu", residual=identity, backend=b)
-        y = conv_bn(x, conv_n, bn_n, act="identity", backend=b)
+        return bn_residual_relu(block, y, bn_n, identity)
+    for conv_i, bn_i in inner:
+        x = conv_bn(x, conv_i, bn_i, act="relu", backend=b)
+    se = block._modules.get("se")
+    if se is None:
+        return conv_bn(x, conv_n, bn_n, act="relu", residual=identity, backend=b)
+    y = conv_bn(x, conv_n, bn_n, act="identity", backend=b)
+    return F.se_gate_act(y, se.gate_logits(y), residual=identity, act="relu", backend=b)
+
+
+def bn_residual_relu(block: nn.Module, y: Tensor, bn: nn.Module, identity: Tensor) -> Tensor:
+    """relu(SE(bn(y)) + identity), training: one pass over the last conv's output y, or two
+    with the block's SE gate."""
+    b = block.backend
+    se = block._modules.get("se")
+    if se is None:
+        return norm_act(y, bn, act="relu", residual=identity, backend=b)
+    y = norm_act(y, bn, act="identity", backend=b)
     return F.se_gate_act(y, se.gate_logits(y), residual=identity, act="relu", backend=b)
 
 

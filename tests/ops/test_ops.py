@@ -109,27 +109,28 @@ CONV_CASES = [  # (C, K, H, W, kernel, stride, padding, dilation, groups)
 
 def _conv_ref(x, w, bias, stride, padding, dilation, groups, pw, pb, pmean, pinvstd, pre_act, pre_training,
               addend, residual, act):
-    a = _bn_ref(x if addend is None else x + addend, pw, pb, pmean, pinvstd, None, pre_act)
-    y = F.conv2d(a, w, bias, stride, padding, dilation, groups)
+    a = _bn_ref(x, pw, pb, pmean, pinvstd, None, pre_act)
+    y = F.conv2d(a if addend is None else a + addend, w, bias, stride, padding, dilation, groups)
     return _act(y if residual is None else y + residual, act)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize("fusion", ["plain", "prologue", "prologue_train", "addend", "epilogue", "all"])
+@pytest.mark.parametrize("fusion", ["plain", "prologue", "prologue_train", "addend", "addend_train", "epilogue",
+                                    "all"])
 def test_conv2d(case, fusion):
     C, K, H, W, k, s, p, d, g = case
     f64 = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, C, H, W, **f64)
     w = torch.randn(K, C // g, k, k, **f64)
     bias = torch.randn(K, **f64) if fusion in ("epilogue", "all") else None
-    pro = fusion in ("prologue", "prologue_train", "all")
-    train = fusion == "prologue_train"
+    pro = fusion in ("prologue", "prologue_train", "addend_train", "all")
+    train = fusion in ("prologue_train", "addend_train")
     pw = torch.rand(C, **f64) + 0.5 if pro else None
     # a shift > 0 makes BN(0) != 0: the padded pixels must still be zeros after the prologue
     pb = torch.rand(C, **f64) + 0.1 if pro else None
     running = (torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5) if pro else (None, None)
     pre_act = "relu" if pro else "identity"
-    addend = torch.randn(2, C, H, W, **f64) if fusion in ("addend", "all") else None
+    addend = torch.randn(2, C, H, W, **f64) if fusion in ("addend", "addend_train", "all") else None
     Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
     Wo = (W + 2 * p - d * (k - 1) - 1) // s + 1
     residual = torch.randn(2, K, Ho, Wo, **f64) if fusion in ("epilogue", "all") else None
@@ -168,6 +169,9 @@ def test_se_gate_act(act, has_res):
     assert_close(out, expect)
     assert torch.autograd.gradcheck(lambda x, g, r: ops.se_gate_act(x, g, r, act, "reference"), (x, gate, r))
     opcheck(ops.se_gate_act.default, (x, gate, r, act, "reference"))
+    g = torch.randn_like(out)
+    opcheck(ops.se_gate_act_backward.default, (g, x.detach(), gate.detach(), r.detach() if has_res else None,
+                                               out.detach(), act, "reference"))
 
 
 def test_bad_activation_and_gate_shape():
@@ -176,3 +180,50 @@ def test_bad_activation_and_gate_shape():
         ops.bn_act(x, None, None, None, None, None, "gelu", False, "reference")
     with pytest.raises(ValueError, match=r"gate must be \(N, C\) = \(1, 2\)"):
         ops.se_gate_act(x, torch.randn(1, 3), None, "relu", "reference")
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_bn_act_pool2d(kind, mode, act):
+    """pool(act(BN(x))) against the composition, gradients (incl. the batch statistics' in train
+    mode) against finite differences; the backward recomputes the activation and the argmax."""
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 7, 6, **f64)
+    w, b = torch.rand(3, **f64) + 0.5, torch.randn(3, **f64)
+    train = mode == "train"
+    running = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
+
+    def f(x, w, b):
+        mean, invstd = _stats(x) if train else running
+        return ops.bn_act_pool2d(x, w, b, mean, invstd, act, train, kind, [3, 3], [2, 2], [1, 1], "reference")
+
+    pool = F.max_pool2d if kind == "max" else F.avg_pool2d
+    stats = _stats(x) if train else running
+    assert_close(f(x, w, b), pool(_bn_ref(x, w, b, *stats, None, act), 3, 2, 1), name="forward")
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    opcheck(ops.bn_act_pool2d.default, (x, w, b, *stats, act, train, kind, [3, 3], [2, 2], [1, 1], "reference"))
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("prologue", [False, True])
+def test_bn_act_pool2d_native(kind, dtype, cl, prologue):
+    """The native one-pass kernel against the reference composition (odd sizes, 37 channels)."""
+    x = _fmt(torch.randn(2, 37, 15, 14, dtype=dtype), cl)
+    bn = (torch.rand(37) + 0.5, torch.randn(37), torch.randn(37), torch.rand(37) + 0.5) if prologue else (None,) * 4
+    act = "relu" if prologue else "identity"
+    for k, s, p in ((3, 2, 1), (2, 2, 0), (3, 1, 1)):
+        args = (x, *bn, act, False, kind, [k, k], [s, s], [p, p])
+        out = ops.bn_act_pool2d(*args, "native")
+        assert_close(out, ops.bn_act_pool2d(*args, "reference"), dtype=dtype, name=f"{kind} k{k} s{s} p{p}")
+        assert out.is_contiguous(memory_format=CL if cl else torch.contiguous_format)
+    if not prologue:
+        opcheck(ops.bn_act_pool2d.default, (x, *bn, act, False, kind, [3, 3], [2, 2], [1, 1], "native"))
+
+
+def test_bn_act_pool2d_rejects_unknown_kind():
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ops.bn_act_pool2d(x, None, None, None, None, "relu", False, "lp", [2, 2], [2, 2], [0, 0], "reference")
