@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
+import torch
 import torch.nn as nn
 
 from fastres import backend as _backend
@@ -79,8 +80,18 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+class CastInputs:
+    """Forward pre-hook casting a model's floating-point tensor inputs to `dtype`."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = False,
-            strict: bool = False) -> nn.Module:
+            strict: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Return `model` with every recognised block replaced by its fastres counterpart.
 
     The new blocks share the original parameters and buffers (deep-copied first unless
@@ -88,14 +99,21 @@ def convert(model: nn.Module, *, backend: Optional[str] = None, inplace: bool = 
     and in eval mode. `backend` pins the backend of the converted blocks (default: the global
     one at call time, see `fastres.set_backend`). `conversion_report(model)` says what happened;
     with `strict`, a recognised module that has to be left alone is an error naming it and why.
+    `dtype` (e.g. torch.bfloat16) casts the parameters and buffers, as `model.to(dtype)` does, and
+    floating-point inputs on every call; outputs come back in that dtype.
     """
     import fastres.models  # noqa: F401  (registers the rules of every block and model family)
     import fastres.nn  # noqa: F401
 
     if backend is not None:
         _backend._check_name(backend)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"fastres.convert: dtype must be a floating-point torch.dtype, got {dtype!r}")
     if not inplace:
         model = copy.deepcopy(model)
+    if dtype is not None:
+        model.to(dtype)
+        model.register_forward_pre_hook(CastInputs(dtype))
     report = ConversionReport()
     model = _convert(model, "", backend, report)
     object.__setattr__(model, "_fastres_report", report)

@@ -88,5 +88,21 @@ def test_zero_init_residual_builder():
 
 def test_strict_names_what_cannot_be_fused():
     ref = timm.create_model("resnet18", act_layer=torch.nn.ELU)
-    with pytest.raises(ValueError, match=r"cannot be fused: layer1\.0: activation is not ReLU"):
+    with pytest.raises(ValueError, match=r"cannot be fused: <root>: stem .* not ReLU; layer1\.0: activation is not ReLU"):
         fastres.convert(ref, strict=True)
+
+
+def test_convert_dtype_casts_the_model_and_its_inputs():
+    model = torchvision.models.resnet18().eval()
+    fast = fastres.convert(model, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in fast.parameters())
+    assert next(model.parameters()).dtype == torch.float32  # the original is untouched
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = fast(x)
+        oracle = copy.deepcopy(model).double()(x.double())
+        eager = copy.deepcopy(model).bfloat16()(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert_as_accurate(y, eager, oracle, dtype=torch.bfloat16, name="logits")
+    with pytest.raises(TypeError, match="floating-point torch.dtype"):
+        fastres.convert(model, dtype=torch.int8)
