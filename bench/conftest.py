@@ -1,14 +1,13 @@
 """pytest-benchmark suites: providers side by side, one group per (subject, shape, dtype, mode).
 
-`pytest bench/` measures; `pytest bench/ --quick` runs every provider once on tiny shapes (CI
-catches breakage, the numbers mean nothing). Timings are reported, never asserted."""
-import copy
-import time
-
+`pytest bench/` measures; `pytest bench/ --quick` runs every provider once on tiny shapes so that
+CI catches breakage (the numbers mean nothing; torch.compile runs on the models only, each graph
+costs seconds). Providers, their setup and the timed step come from `fastres.benchmark`, the
+implementation `fastres bench` uses. Timings are reported, never asserted."""
 import pytest
 import torch
 
-import fastres
+from fastres.benchmark import Case
 
 
 def pytest_addoption(parser):
@@ -20,52 +19,22 @@ def quick(request) -> bool:
     return request.config.getoption("--quick")
 
 
-def providers(device: str = "cpu") -> list[str]:
-    return ["eager", "eager_cl", "compile"] + [f"fastres-{b}" for b in fastres.available_backends(device)
-                                                if b != "triton" or device == "cuda"]
+@pytest.fixture(scope="session")
+def baselines() -> dict:
+    """(group, provider) -> median seconds of the eager providers measured so far this session."""
+    return {}
 
 
-def prepare(provider: str, model: torch.nn.Module, x: torch.Tensor, *, train: bool):
-    """(callable model, input) for a provider; setup cost (convert/compile) stays outside timing."""
-    model = copy.deepcopy(model).train(train)
-    if provider != "eager":
-        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    if provider == "compile":
-        model = torch.compile(model)
-    elif provider.startswith("fastres-"):
-        model = fastres.convert(model, backend=provider.split("-", 1)[1])
-    return model, x
-
-
-def step_fn(model, x, *, train: bool):
-    """One inference forward, or one training step (forward + backward + SGD update)."""
-    if not train:
-        def infer():
-            with torch.no_grad():
-                return model(x)
-        return infer
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
-        opt.step()
-    return step
-
-
-def run(benchmark, fn, *, quick: bool, batch: int, extra: dict) -> None:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-
-    def timed():
-        fn()
-        sync()
-    t0 = time.perf_counter()
-    timed()  # warm-up (compile happens here)
-    benchmark.extra_info.update(extra, warmup_s=round(time.perf_counter() - t0, 3),
+def run(benchmark, case: Case, *, quick: bool, batch: int, baselines: dict) -> None:
+    """Time `case.step` (already run once by `prepare`); img/s, setup seconds, thread count and,
+    where eager / eager_cl of the same group ran before, speedups go into extra_info."""
+    benchmark.extra_info.update(provider=case.provider, setup_s=round(case.setup_s, 3),
                                 threads=torch.get_num_threads())
-    if quick:
-        benchmark.pedantic(timed, rounds=1, iterations=1)
-    else:
-        benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
-    mean = benchmark.stats.stats.mean
-    benchmark.extra_info["img_per_s"] = round(batch / mean, 2)
+    benchmark.pedantic(case.step, rounds=1 if quick else 5, iterations=1, warmup_rounds=0 if quick else 1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["img_per_s"] = round(batch / median, 2)
+    if case.provider in ("eager", "eager_cl"):
+        baselines[benchmark.group, case.provider] = median
+    for base in ("eager", "eager_cl"):
+        if (benchmark.group, base) in baselines:
+            benchmark.extra_info[f"speedup_vs_{base}"] = round(baselines[benchmark.group, base] / median, 3)

@@ -1,31 +1,42 @@
-"""Turn pytest-benchmark JSON files (`pytest bench/ --benchmark-json=PATH`) into a Markdown table
-of providers side by side per group, with speedups against eager, and optionally a PNG bar chart
-of those speedups (matplotlib).
+"""Turn benchmark JSON files (`pytest bench/ --benchmark-json=PATH`, or `fastres bench --json PATH`,
+which writes the same shape) into a Markdown table of providers side by side per group, with
+speedups against eager, and optionally a PNG bar chart of those speedups (matplotlib).
+Times are medians (means for entries that carry no median).
 
-    python -m bench.report results/bench.json [more.json ...] [--plot speedups.png]
+    python -m bench.report results/bench.json [more.json ...] [--plot speedups.png] [--readme README.md]
+
+With --readme the table (and a link to the --plot chart) replaces what lies between the lines
+`<!-- results:begin -->` and `<!-- results:end -->` of that file, so no number is typed by hand.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
+from fastres.benchmark import markers, replace_between_markers
+from fastres.benchmark import plot_speedups as plot  # one chart for both JSON sources
+from fastres.benchmark import provider_key
+
+BEGIN, END = markers("results")
+
 
 def load(paths: list[str]) -> dict[str, dict[str, float]]:
-    """group -> provider -> mean seconds (a later file overrides an earlier one)."""
+    """group -> provider -> median seconds (a later file overrides an earlier one)."""
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         for b in data["benchmarks"]:
             provider = b.get("extra_info", {}).get("provider") or b["name"]
-            groups[b["group"] or b["name"]][provider] = b["stats"]["mean"]
+            groups[b["group"] or b["name"]][provider] = b["stats"].get("median", b["stats"]["mean"])
     return dict(groups)
 
 
 def table(groups: dict[str, dict[str, float]]) -> str:
-    providers = sorted({p for g in groups.values() for p in g}, key=lambda p: (p != "eager", p))
+    providers = sorted({p for g in groups.values() for p in g}, key=provider_key)
     lines = ["| group | " + " | ".join(providers) + " |", "|---" * (len(providers) + 1) + "|"]
     for name, times in sorted(groups.items()):
         base = times.get("eager")
@@ -37,30 +48,16 @@ def table(groups: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def plot(groups: dict[str, dict[str, float]], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [g for g in sorted(groups) if "eager" in groups[g]]
-    providers = sorted({p for g in names for p in groups[g]} - {"eager"})
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
-    width = 0.8 / max(len(providers), 1)
-    for i, p in enumerate(providers):
-        ax.bar([k + i * width for k in range(len(names))],
-               [groups[g]["eager"] / groups[g][p] if p in groups[g] else 0 for g in names], width, label=p)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(names))], names, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel("speedup vs eager")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def update_readme(path: str, block: str) -> None:
+    """Replace the lines between the results markers of `path` with `block`."""
+    replace_between_markers(path, "results", block)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
-    p.add_argument("json", nargs="+", help="pytest-benchmark JSON files")
+    p.add_argument("json", nargs="+", help="JSON from pytest bench --benchmark-json or fastres bench --json")
     p.add_argument("--plot", help="write a PNG bar chart of speedups vs eager")
+    p.add_argument("--readme", help=f"also write the table (and chart link) between {BEGIN} and {END} in this file")
     args = p.parse_args(argv)
     try:
         groups = load(args.json)
@@ -69,7 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(table(groups))
     if args.plot:
-        plot(groups, args.plot)
+        try:
+            plot(groups, args.plot)
+        except (ImportError, OSError) as e:
+            print(f"bench.report: {e}", file=sys.stderr)
+            return 2
+    if args.readme:
+        chart = ""
+        if args.plot:
+            chart = f"\n\n![speedups vs eager]({os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.readme)))})"
+        try:
+            update_readme(args.readme, table(groups) + chart)
+        except (OSError, ValueError) as e:
+            print(f"bench.report: cannot update {args.readme}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

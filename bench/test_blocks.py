@@ -4,7 +4,8 @@ import torch
 import torch.nn as nn
 import torchvision.models.resnet as tv
 
-from bench.conftest import prepare, providers, run, step_fn
+from bench.conftest import run
+from fastres.benchmark import group_name, prepare, providers
 
 # (name, build, input shape); quick mode shrinks batch and spatial size
 SUBJECTS = {
@@ -18,12 +19,13 @@ SUBJECTS = {
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("subject", list(SUBJECTS))
 @pytest.mark.parametrize("provider", providers())
-def test_block(benchmark, quick, subject, mode, provider):
+def test_block(benchmark, quick, baselines, subject, mode, provider):
     build, shape = SUBJECTS[subject]
+    if quick and provider == "compile":
+        pytest.skip("quick mode compiles only in test_models.py (C++ codegen costs seconds per graph)")
     if quick:
         shape = (1, shape[1], min(shape[2], 8), min(shape[3], 8))
-    benchmark.group = f"{subject} {tuple(shape)} fp32 {mode}"
+    benchmark.group = group_name(subject, shape, torch.float32, mode)
     torch.manual_seed(0)
-    model, x = prepare(provider, build(), torch.randn(shape), train=mode == "train")
-    run(benchmark, step_fn(model, x, train=mode == "train"), quick=quick, batch=shape[0],
-        extra={"provider": provider})
+    case = prepare(provider, build(), torch.randn(shape), train=mode == "train")
+    run(benchmark, case, quick=quick, batch=shape[0], baselines=baselines)

@@ -1,23 +1,30 @@
-"""Whole models: eager vs channels_last vs torch.compile vs fastres (img/s in extra_info)."""
+"""Whole models, inference and training (forward + backward + SGD step): eager vs channels_last
+vs torch.compile vs fastres; img/s and speedups in extra_info."""
 import pytest
 import torch
-import torchvision
 
-from bench.conftest import prepare, providers, run, step_fn
+from bench.conftest import run
+from fastres.benchmark import build, group_name, prepare, providers
 
-MODELS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121"]
+# resnetv2_50 is timm's pre-activation ResNet-50
+MODELS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "resnetv2_50", "res2net50_26w_4s", "rexnet_100",
+          "densenet121"]
+# quick mode runs every provider once per mode on one small model (compiling a 50-layer training
+# graph takes a minute or more on two cores); the listed models are checked by tests/test_convert.py
+QUICK_MODELS = ["resnet18"]
 
 
-@pytest.mark.parametrize("mode", ["infer"])
-@pytest.mark.parametrize("name", MODELS)
+def pytest_generate_tests(metafunc):
+    if "name" in metafunc.fixturenames:
+        metafunc.parametrize("name", QUICK_MODELS if metafunc.config.getoption("--quick") else MODELS)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("provider", providers())
-def test_model(benchmark, quick, name, mode, provider):
-    if quick and name != "resnet50":
-        pytest.skip("quick mode times one model; the others are covered by tests/test_convert.py")
-    batch, size = (1, 32) if quick else (8, 224)
-    benchmark.group = f"{name} ({batch}, 3, {size}, {size}) fp32 {mode}"
-    torch.manual_seed(0)
-    model, x = prepare(provider, getattr(torchvision.models, name)(), torch.randn(batch, 3, size, size),
-                       train=mode == "train")
-    run(benchmark, step_fn(model, x, train=mode == "train"), quick=quick, batch=batch,
-        extra={"provider": provider})
+def test_model(benchmark, quick, baselines, name, mode, provider):
+    # train-mode BN needs more than one value per channel in the last stage (1x1 at 32x32)
+    batch, size = (2 if mode == "train" else 1, 32) if quick else (8, 224)
+    x = torch.randn(batch, 3, size, size)
+    benchmark.group = group_name(name, x.shape, x.dtype, mode)
+    case = prepare(provider, build(name), x, train=mode == "train")
+    run(benchmark, case, quick=quick, batch=batch, baselines=baselines)

@@ -1,4 +1,4 @@
-"""`fastres` / `python -m fastres`: demo, explain, validate, gpu-report, analyze."""
+"""`fastres` / `python -m fastres`: demo, explain, validate, gpu-report, analyze, bench."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-# name -> library it is built from (seeded random weights, never downloaded)
-MODELS = {
-    "resnet18": "torchvision", "resnet50": "torchvision", "resnext50_32x4d": "torchvision",
-    "wide_resnet50_2": "torchvision", "densenet121": "torchvision", "resnetv2_50": "timm",
-    "res2net50_26w_4s": "timm", "rexnet_100": "timm", "seresnext50_32x4d": "timm",
-}
+from fastres.benchmark import MODELS, build  # the named models (seeded random weights, never downloaded)
 
 
 def _progress(msg: str) -> None:
@@ -33,15 +28,6 @@ def _time(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def build(name: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if MODELS[name] == "timm":
-        import timm
-        return timm.create_model(name, pretrained=False)
-    import torchvision
-    return getattr(torchvision.models, name)()
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -164,24 +150,107 @@ def validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Time every provider on each model (fastres.benchmark), print a table, optionally write
+    pytest-benchmark-shaped JSON (`python -m bench.report` reads it) and a speedup chart."""
+    import json
+    import os
+
+    from fastres import benchmark as B
+    provs = args.providers or B.providers(args.device)
+    steps = B.steps_per_model(len(provs), warmup=args.warmup, iters=args.iters)
+    progress = B.Progress(len(args.model) * steps)
+    results = []
+    for name in args.model:
+        results += B.bench_model(name, provs, batch=args.batch, size=args.size, dtype=B.DTYPES[args.dtype],
+                                 device=args.device, mode=args.mode, warmup=args.warmup, iters=args.iters,
+                                 progress=progress)
+    progress.close()
+    what = "inference forward" if args.mode == "infer" else "training step (forward, backward, SGD)"
+    print(f"\nfastres bench: {what}, batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.device}, "
+          f"{torch.get_num_threads()} threads; median of {args.iters} after {args.warmup} warm-up; "
+          f"setup = convert / compile + first call; rel diff = max |output - eager| / max |eager|")
+    print(B.format_table(results))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(B.to_json(results), f, indent=1)
+    if args.plot:
+        B.plot_speedups(B.speedup_groups(results), args.plot)
+    return 0
+
+
+def _bench_argument_error(args: argparse.Namespace) -> Optional[str]:
+    """Why `fastres bench` cannot run with these arguments (checked before any model is built)."""
+    from fastres import benchmark as B
+    known = B.providers(args.device)
+    unknown = [p for p in args.providers or [] if p not in known]
+    if unknown:
+        return f"unknown provider(s) {', '.join(unknown)} on {args.device}; available: {', '.join(known)}"
+    if args.size < 32:
+        return "--size must be at least 32 (the models downsample by 32)"
+    if args.warmup < 0:
+        return "--warmup must be at least 0"
+    if args.plot:
+        try:
+            B.pyplot()
+        except ImportError as e:
+            return str(e)
+    return None
+
+
+def _traffic_rows(blocks: Optional[list[str]]) -> Optional[list[dict]]:
+    """Run `python -m fastres.traffic` in a child process with TRITON_INTERPRET=1 (read when the
+    kernels are decorated, so it cannot be switched on in this one); its table goes to stdout.
+    The rows, or None if it failed."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "FASTRES_BACKEND"}
+    env["TRITON_INTERPRET"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "traffic.json")
+        cmd = [sys.executable, "-m", "fastres.traffic", "--json", path] + (["--blocks", *blocks] if blocks else [])
+        sys.stdout.flush()
+        if subprocess.run(cmd, env=env).returncode != 0:
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+
 def gpu_report(args: argparse.Namespace) -> int:
-    """Every Triton kernel variant compiled offline for sm_80/sm_90: registers, spills, smem."""
+    """Every Triton kernel variant compiled offline for sm_80/sm_90: registers, spills, smem; with
+    --traffic also the modeled global-memory traffic and H100 roofline of each block family."""
     import json
     import os
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("fastres gpu-report: unset TRITON_INTERPRET (interpreted kernels do not compile)", file=sys.stderr)
         return 2
-    from fastres import gpu_report as g
-    _progress("compiling every kernel variant for " + ", ".join(f"sm_{a}" for a in args.arch))
-    rows = g.report(tuple(args.arch))
-    print(g.format_table(rows))
-    print()
-    print(g.summary(rows))
+    rc, rows, traffic = 0, None, None
+    if args.compile:
+        from fastres import gpu_report as g
+        _progress("compiling every kernel variant for " + ", ".join(f"sm_{a}" for a in args.arch))
+        rows = g.report(tuple(args.arch))
+        print(g.format_table(rows))
+        print()
+        print(g.summary(rows))
+        rc = 1 if any(r.problems for r in rows) else 0
+    if args.traffic:
+        _progress("counting global-memory traffic in Triton's interpreter (a child process)")
+        if rows is not None:
+            print()
+        traffic = _traffic_rows(args.blocks)
+        if traffic is None:
+            print("fastres gpu-report: the traffic measurement failed (see above)", file=sys.stderr)
+            rc = 1
     if args.json:
+        compiled = None if rows is None else [{**r.__dict__, "problems": r.problems} for r in rows]
         with open(args.json, "w") as f:
-            json.dump([{**r.__dict__, "problems": r.problems} for r in rows], f, indent=1)
-    return 1 if any(r.problems for r in rows) else 0
+            json.dump({"compile": compiled, "traffic": traffic} if args.traffic else compiled, f, indent=1)
+    return rc
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -208,15 +277,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     v.add_argument("--size", type=int, default=128)
     v.add_argument("--verbose", action="store_true", help="print every check, not only failures")
     v.set_defaults(fn=validate)
-    r = sub.add_parser("gpu-report", help="offline sm_80/sm_90 compile report of every Triton kernel")
+    r = sub.add_parser("gpu-report", help="offline sm_80/sm_90 compile report of every Triton kernel, "
+                                          "and (--traffic) modeled memory traffic per block")
     r.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
-    r.add_argument("--json", help="also write the rows as JSON to this path")
+    r.add_argument("--json", help="also write the rows as JSON to this path (with --traffic: "
+                                  "{\"compile\": rows, \"traffic\": rows})")
+    r.add_argument("--traffic", action="store_true",
+                   help="also count each block family's global-memory bytes, fused Triton vs eager, "
+                        "in Triton's interpreter, with an H100 roofline estimate (minutes on CPU)")
+    r.add_argument("--blocks", nargs="+", metavar="BLOCK", help="with --traffic: only these blocks "
+                   "(names as `python -m fastres.traffic --help` lists them)")
+    r.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compile report")
     r.set_defaults(fn=gpu_report)
     from fastres.analyze import register as register_analyze
     register_analyze(sub)
+    b = sub.add_parser("bench", help="time eager, channels_last, torch.compile and every fastres backend per model")
+    b.add_argument("--model", nargs="+", default=["resnet50"], choices=list(MODELS), metavar="NAME",
+                   help=f"one or more of: {', '.join(MODELS)} (default resnet50)")
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--size", type=int, default=224)
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model and input dtype")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    b.add_argument("--mode", default="infer", choices=["infer", "train"],
+                   help="eval forward, or a training step: forward, backward, SGD update")
+    b.add_argument("--iters", type=int, default=5, help="timed rounds per provider (median reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed rounds after the setup call")
+    b.add_argument("--providers", nargs="+", metavar="PROVIDER",
+                   help="a subset of eager, eager_cl, compile, fastres-<backend> (default: all on the device)")
+    b.add_argument("--json", metavar="PATH", help="write pytest-benchmark-shaped JSON (python -m bench.report reads it)")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG chart of speedups vs eager (needs matplotlib)")
+    b.set_defaults(fn=bench)
     args = p.parse_args(argv)
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
         p.error("CUDA was asked for but no CUDA device is available")
     if getattr(args, "batch", 1) < 1 or getattr(args, "iters", 1) < 1:
         p.error("--batch and --iters must be at least 1")
+    if args.cmd == "bench" and (problem := _bench_argument_error(args)):
+        p.error(problem)
     return args.fn(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -111,28 +112,40 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastres.memory", description=main.__doc__)
     p.add_argument("--models", default=",".join(_models()), help="comma-separated subset")
     p.add_argument("--repeats", type=int, default=5, help="timed training steps per provider (median)")
+    p.add_argument("--readme", help="also write the Markdown table between the memory markers of this file")
     args = p.parse_args(argv)
     table = _models()
     names = args.models.split(",")
     unknown = [n for n in names if n not in table]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(table)}")
-    mb = 1 << 20
-    print(f"{'model':<18}{'input':<16}{'eager MiB':>10}{'fastres MiB':>12}{'ratio':>7}"
-          f"{'eager s/step':>14}{'eager_cl':>10}{'fastres_cl':>11}{'time ratio':>11}")
+    mb, cl = 1 << 20, torch.channels_last
+    head = ("model", "input", "eager MiB", "fastres MiB", "ratio", "eager s/step", "eager_cl s/step",
+            "fastres s/step", "step vs faster eager")
+    rows = []
     for name in names:
         build, shape = table[name]
         torch.manual_seed(0)
         model = build()
         x = torch.randn(*shape)
         rep = memory_report(model, x, name=name)
-        cl = torch.channels_last
         eager = step_seconds(copy.deepcopy(model), x, repeats=args.repeats)
         eager_cl = step_seconds(copy.deepcopy(model).to(memory_format=cl), x.to(memory_format=cl), repeats=args.repeats)
         fused = step_seconds(fastres.convert(model).to(memory_format=cl), x.to(memory_format=cl), repeats=args.repeats)
-        print(f"{name:<18}{'x'.join(map(str, shape)):<16}{rep.eager / mb:>10.1f}{rep.fastres / mb:>12.1f}"
-              f"{rep.ratio:>6.2f}x{eager:>14.3f}{eager_cl:>10.3f}{fused:>11.3f}{fused / min(eager, eager_cl):>10.2f}x")
-    print(f"\n{torch.get_num_threads()} threads; time ratio = fastres / the faster eager layout")
+        rows.append((name, "x".join(map(str, shape)), f"{rep.eager / mb:.1f}", f"{rep.fastres / mb:.1f}",
+                     f"{rep.ratio:.2f}x", f"{eager:.3f}", f"{eager_cl:.3f}", f"{fused:.3f}",
+                     f"{fused / min(eager, eager_cl):.2f}x"))
+        print("  ".join(rows[-1]), file=sys.stderr, flush=True)
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    note = (f"{torch.get_num_threads()} threads, fp32, one SGD step (forward, backward, update), medians of "
+            f"{args.repeats}; fastres runs channels_last. Command: python -m fastres.memory")
+    print(note)
+    if args.readme:
+        from fastres.benchmark import replace_between_markers
+        md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+        replace_between_markers(args.readme, "memory", "\n".join(md) + "\n\n" + note)
     return 0
 
 

@@ -27,3 +27,23 @@ def test_bad_json_is_one_line(tmp_path, capsys):
     bad.write_text("{")
     assert report.main([str(bad)]) == 2
     assert "cannot read benchmark JSON" in capsys.readouterr().err
+
+
+def test_readme_block_is_replaced_between_markers(tmp_path):
+    path = _json(tmp_path, [("resnet50 infer", "eager", 0.2), ("resnet50 infer", "fastres-native", 0.1)])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.BEGIN}\n| old | table |\n{report.END}\nafter\n")
+    assert report.main([path, "--plot", str(tmp_path / "docs" / "s.png"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| old | table |" not in text and text.startswith("# x\n\nbefore\n") and text.endswith(f"{report.END}\nafter\n")
+    assert "| resnet50 infer | 200.00 ms (1.00x) | 100.00 ms (2.00x) |" in text
+    assert "![speedups vs eager](docs/s.png)" in text
+
+
+def test_readme_without_markers_is_one_line(tmp_path, capsys):
+    path = _json(tmp_path, [("g", "eager", 0.2)])
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    assert report.main([path, "--readme", str(readme)]) == 2
+    assert "needs one '<!-- results:begin -->' line" in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"
