@@ -141,6 +141,15 @@ def conv2d_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
+                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT)
+
+
+@triton.jit
+def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
+                   son, soc, soh, sow, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr):
+    """out[n, k, oh, ow] = act(acc + bias[k] + residual[n, k, oh, ow]), cast to out's dtype: the
+    epilogue of every conv kernel. acc [BLOCK_M pixels, BLOCK_N channels] fp32; n int64."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = m_ok[:, None] & k_ok[None, :]

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import apply_act
+from fastres.kernels.conv import apply_act, store_epilogue
 
 
 @triton.jit
@@ -104,15 +104,8 @@ def depthwise_conv2d_kernel(
         wt = tl.load(w_k + (r * swr + s * sws), mask=k_ok, other=0.0)                # [BLOCK_C]
         acc += a.to(tl.float32) * wt.to(tl.float32)[None, :]
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    out_ok = m_ok[:, None] & k_ok[None, :]
-    if HAS_RESIDUAL:
-        r_pix = n * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
-        acc += tl.load(res_ptr + (r_pix[:, None] + k64[None, :] * src), mask=out_ok, other=0.0).to(tl.float32)
-    acc = apply_act(acc, ACT)
-    o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
-    tl.store(out_ptr + (o_pix[:, None] + k64[None, :] * soc), acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
+                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT)
 
 
 # ---- configs ---------------------------------------------------------------------------------
