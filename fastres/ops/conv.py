@@ -76,6 +76,7 @@ def _setup(ctx, inputs, output):
      pre_act, pre_training, addend, residual, act, backend) = inputs
     ctx.conf = (list(stride), list(padding), list(dilation), groups, pre_act, pre_training, act)
     ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.backend = backend
     # the epilogue's mask comes from the output (relu family) or, for silu, from a recomputed
     # pre-activation that needs the residual; nothing else of the epilogue is kept
     ctx.save_for_backward(x, weight, bias, pre_weight, pre_bias, pre_mean, pre_invstd, addend,
@@ -89,15 +90,47 @@ def _backward(ctx, grad):
         raise RuntimeError("fastres.conv2d: gradients w.r.t. pre_mean/pre_invstd in eval mode are not "
                            "supported; fold them into pre_weight/pre_bias")
     needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
-    grads = ref.conv2d_backward(grad, out, x, weight, bias, stride, padding,
-                                dilation, groups, pw, pb, pmean, pinvstd, pre_act, pre_training,
-                                addend, residual, act, needs)
+    if act == "silu":  # silu' needs the conv's pre-activation: the reference recomputes the conv
+        grads = ref.conv2d_backward(grad, out, x, weight, bias, stride, padding, dilation, groups, pw, pb,
+                                    pmean, pinvstd, pre_act, pre_training, addend, residual, act, needs)
+    else:
+        grads = _backward_ops(grad, out, x, weight, bias, stride, padding, dilation, groups, pw, pb, pmean,
+                              pinvstd, pre_act, pre_training, addend, act, needs, ctx.backend)
     result = [None] * 17
     for i, g in zip(_GRAD_INPUTS, grads):
         result[i] = g
     if result[14] is not None:
         result[14] = result[14].to(ctx.residual_dtype)
     return tuple(result)
+
+
+def _backward_ops(grad, out, x, weight, bias, stride, padding, dilation, groups, pw, pb, pmean, pinvstd,
+                  pre_act, pre_training, addend, act, needs, backend):
+    """The backward as three passes on the chosen backend around ATen's convolution_backward:
+    the epilogue's activation mask (bn_act_backward of the output), the prologue's BN-act
+    recomputed from x (bn_act), and its backward with the batch statistics' gradient
+    (bn_act_backward). The elementwise work is the fused ops' own, not a chain of ATen ops."""
+    from fastres.ops.bn_act import bn_act, bn_act_backward
+    nx, nw, nb, npw, npb, nadd, nres = needs
+    gz = grad
+    if act != "identity":  # relu / relu6: the mask is read from the saved output
+        gz = bn_act_backward(grad, out, None, None, None, None, None, out, act, False,
+                             [True, False, False, False], backend)[0]
+    gb = gz.sum((0, 2, 3), dtype=torch.float32).to(bias.dtype) if nb else None
+    prologue = not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity")
+    a_act = bn_act(x, pw, pb, pmean, pinvstd, None, pre_act, pre_training, backend) if prologue else x
+    a = a_act if addend is None else a_act + addend
+    need_ga = nx or npw or npb or nadd
+    ga, gw, _ = torch.ops.aten.convolution_backward(gz, a, weight, None, stride, padding, dilation, False,
+                                                    [0, 0], groups, [need_ga, nw, False])
+    gx = gpw = gpb = None
+    if prologue and (nx or npw or npb):
+        gx, _, gpw, gpb = bn_act_backward(ga, x, pw, pb, pmean, pinvstd, None, a_act, pre_act, pre_training,
+                                          [nx, False, npw and pw is not None, npb and pb is not None], backend)
+    elif nx:
+        gx = ga
+    return (gx if nx else None, gw, gb, gpw if npw else None, gpb if npb else None, ga if nadd else None,
+            gz if nres else None)
 
 
 conv2d.register_autograd(_backward, setup_context=_setup)
