@@ -595,6 +595,26 @@ def summary(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[Row]) -> str:
+    """Inference and training side by side per block: MB per image eager -> fused, ratio, roofline."""
+    by: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by.setdefault(f"{r.block} {r.family} {r.shape}", {})[r.mode] = r
+    out = ["| block (stage shape) | inference MB/img eager → fused | ratio | µs/img | "
+           "training MB/img eager → fused | ratio | µs/img |", "|---|---|---|---|---|---|---|"]
+    for name, modes in by.items():
+        cells = []
+        for mode in ("inference", "training"):
+            r = modes.get(mode)
+            if r is None or r.ratio != r.ratio:
+                cells += ["n/a", "n/a", "n/a"]
+                continue
+            cells += [f"{r.eager_img / 1e6:.1f} → {r.fused_img / 1e6:.1f}", f"{r.ratio:.2f}",
+                      f"{r.eager_us:.1f} → {r.fused_us:.1f}"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def to_json(rows: list[Row]) -> list[dict]:
     return [{**asdict(r), "met": r.met} for r in rows]
 
@@ -605,6 +625,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--blocks", nargs="+", choices=list(BLOCKS), help="default: every block")
     p.add_argument("--batch", type=int, default=256, help="batch the bytes per image are given at")
     p.add_argument("--json", help="also write the rows as JSON to this path")
+    p.add_argument("--readme", help="also write the Markdown table between the traffic markers of this file")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         p.error("run with TRITON_INTERPRET=1 (or use `fastres gpu-report --traffic`)")
@@ -616,6 +637,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(to_json(rows), f, indent=1)
+    if args.readme:
+        from fastres.benchmark import replace_between_markers
+        replace_between_markers(args.readme, "traffic", markdown(rows))
     return 0
 
 

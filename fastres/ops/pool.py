@@ -4,8 +4,9 @@
                                   batch statistics of x); kind "max" or "avg" (count_include_pad)
 
 The native CPU kernel applies the BN-act as it reads each window and keeps no argmax; the
-reference composes bn_act and ATen's pooling. The activated tensor is not saved: the backward recomputes it from x (and, for max pooling, the
-argmax with it), so a stem's conv-BN-ReLU-maxpool keeps only the conv output for backward.
+reference composes bn_act and ATen's pooling. The activated tensor is not saved: the backward
+recomputes it from x (and, for max pooling, the argmax with it), so a stem's
+conv-BN-ReLU-maxpool keeps only the conv output for backward.
 """
 from __future__ import annotations
 
