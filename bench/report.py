@@ -35,6 +35,32 @@ def load(paths: list[str]) -> dict[str, dict[str, float]]:
     return dict(groups)
 
 
+def load_setup(paths: list[str]) -> dict[str, dict[str, float]]:
+    """group -> provider -> setup seconds (convert / compile plus the first call), where recorded."""
+    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data["benchmarks"]:
+            info = b.get("extra_info", {})
+            if "setup_s" in info:
+                groups[b["group"] or b["name"]][info.get("provider") or b["name"]] = info["setup_s"]
+    return dict(groups)
+
+
+def setup_table(groups: dict[str, dict[str, float]]) -> str:
+    """Setup seconds per group and provider (empty when no entry recorded any)."""
+    if not groups:
+        return ""
+    providers = sorted({p for g in groups.values() for p in g}, key=provider_key)
+    lines = ["| setup s (convert / compile + first call) | " + " | ".join(providers) + " |",
+             "|---" * (len(providers) + 1) + "|"]
+    for name, secs in sorted(groups.items()):
+        lines.append(f"| {name} | " + " | ".join("" if secs.get(p) is None else f"{secs[p]:.2f}" for p in providers)
+                     + " |")
+    return "\n".join(lines)
+
+
 def table(groups: dict[str, dict[str, float]]) -> str:
     providers = sorted({p for g in groups.values() for p in g}, key=provider_key)
     lines = ["| group | " + " | ".join(providers) + " |", "|---" * (len(providers) + 1) + "|"]
@@ -60,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", help=f"also write the table (and chart link) between {BEGIN} and {END} in this file")
     args = p.parse_args(argv)
     try:
-        groups = load(args.json)
+        groups, setups = load(args.json), load_setup(args.json)
     except (OSError, KeyError, json.JSONDecodeError) as e:
         print(f"bench.report: cannot read benchmark JSON: {e}", file=sys.stderr)
         return 2
-    print(table(groups))
+    text = table(groups) + ("\n\n" + setup_table(setups) if setups else "")
+    print(text)
     if args.plot:
         try:
             plot(groups, args.plot)
@@ -76,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             chart = f"\n\n![speedups vs eager]({os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.readme)))})"
         try:
-            update_readme(args.readme, table(groups) + chart)
+            update_readme(args.readme, text + chart)
         except (OSError, ValueError) as e:
             print(f"bench.report: cannot update {args.readme}: {e}", file=sys.stderr)
             return 2

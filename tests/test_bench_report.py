@@ -22,6 +22,16 @@ def test_table_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_setup_seconds_table(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [
+        {"name": "a", "group": "g", "stats": {"mean": 0.2}, "extra_info": {"provider": "compile", "setup_s": 12.5}},
+        {"name": "b", "group": "g", "stats": {"mean": 0.1}, "extra_info": {"provider": "fastres-native", "setup_s": 0.25}}]}))
+    text = report.setup_table(report.load_setup([str(path)]))
+    assert "| g | 12.50 | 0.25 |" in text
+    assert report.setup_table({}) == ""
+
+
 def test_bad_json_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
