@@ -47,14 +47,15 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, _Entry]" = weakref.WeakKeyDictiona
 _SCRATCH: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 
 
-def usable(x: Tensor, conv: nn.Conv2d, bn: nn.Module, *tensors: Optional[Tensor]) -> bool:
-    """True when the cached path may run: no autograd recording, not tracing."""
+def usable(x: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], *tensors: Optional[Tensor]) -> bool:
+    """True when the cached path may run: no autograd recording, not tracing (`bn` None: a conv
+    with nothing folded in)."""
     if torch.compiler.is_compiling():
         return False
     if not torch.is_grad_enabled():
         return True
-    return not any(t is not None and t.requires_grad
-                   for t in (x, conv.weight, conv.bias, bn.weight, bn.bias, *tensors))
+    norm = (bn.weight, bn.bias) if bn is not None else ()
+    return not any(t is not None and t.requires_grad for t in (x, conv.weight, conv.bias, *norm, *tensors))
 
 
 def _key(conv: nn.Conv2d, args: Optional[tuple]) -> Optional[tuple]:
@@ -127,10 +128,10 @@ def _take_scratch(t: Optional[Tensor]) -> bool:
     return True
 
 
-def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, args: tuple, *, act: str,
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], args: Optional[tuple], *, act: str,
             residual: Optional[Tensor], addend: Optional[Tensor], backend: Optional[str]) -> Optional[Tensor]:
-    """act(bn(conv(x + addend)) + residual) from the cache, or None when it cannot be used
-    (then the caller runs the uncached path)."""
+    """act(bn(conv(x + addend)) + residual) from the cache (bn and args None: no BN), or None
+    when it cannot be used (then the caller runs the uncached path)."""
     e = _entry(conv, args)
     if e is None:
         return None
@@ -152,10 +153,11 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, args: tuple, *, act: str,
 
 
 def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, args: tuple, *, pre_act: str,
-            residual: Optional[Tensor], backend: Optional[str]) -> Optional[Tensor]:
-    """conv(pre_act(bn(x))) + residual with the BN-act prologue in one native pass (oneDNN has no
-    input-side post-ops) and the conv from its cached prepacked weight; None when this path
-    cannot run (then the caller runs the public op)."""
+            residual: Optional[Tensor], post_args: Optional[tuple] = None, act: str = "identity",
+            backend: Optional[str] = None) -> Optional[Tensor]:
+    """act(post(conv(pre_act(bn(x)))) + residual) with the BN-act prologue in one native pass
+    (oneDNN has no input-side post-ops) and the conv from its cached prepacked weight, the BN of
+    `post_args` folded in; None when this path cannot run (then the caller runs the public op)."""
     name = backend or _backend.get_backend()
     if name not in ("native", "auto") or _backend.NATIVE_MISSING is not None or conv.padding_mode != "zeros" \
             or not isinstance(conv.padding, tuple) or _conv.onednn_missing(x, conv.weight, residual) is not None:
@@ -163,7 +165,7 @@ def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, args: tuple, *, pre_act: 
     if residual is not None and (residual.dtype != x.dtype or list(residual.shape) != _conv.out_shape(
             x, conv.weight, conv.stride, conv.padding, conv.dilation)):
         return None
-    e = _entry(conv, None)
+    e = _entry(conv, post_args)
     if e is None:
         return None
     running_mean, running_var, weight, bias, _, momentum, eps = args
@@ -171,7 +173,7 @@ def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, args: tuple, *, pre_act: 
     _backend._record("conv2d", "native", ("" if name == "native" else "auto: ") + _WHY_PRE)
     a = torch.ops.fastres_native.bn_act(x, weight, bias, mean, invstd, None, pre_act)
     return _conv.conv2d_onednn(a, _prepacked(e, a, conv), e.bias, conv.stride, conv.padding, conv.dilation,
-                               conv.groups, residual, "identity")
+                               conv.groups, residual, act)
 
 
 def clear() -> None:

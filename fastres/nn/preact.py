@@ -63,15 +63,26 @@ def preact_forward(x: Tensor, norms: Sequence[nn.Module], convs: Sequence[nn.Con
     """convs[-1](relu(norms[-1](... convs[0](relu(norms[0](x)))))) + shortcut, the shortcut being
     x, or proj(relu(norms[0](x))). Dropout (p=`dropout`) follows every conv but the last.
 
-    Each BN-ReLU runs in its conv's input load, except where it feeds a projection as well: that
-    one is stored once, so its batch statistics (and running-stat update) are taken once."""
+    Training: each BN-ReLU runs in its conv's input load, except where it feeds a projection as
+    well: that one is stored once, so its batch statistics (and running-stat update) are taken
+    once. Eval: every BN-ReLU after the first is folded into the previous conv (weight and
+    epilogue; that conv's output feeds nothing else), so only the first one is a prologue."""
+    xa = None
     if proj is None:
         sc = x
-        out = bn_conv(x, norms[0], convs[0], pre_act="relu", backend=backend)
     else:
         xa = norm_act(x, norms[0], act="relu", backend=backend)
         sc = conv(xa, proj, backend=backend)
-        out = conv(xa, convs[0], backend=backend)
+    if not any(n.training for n in norms[1:]) and not (dropout > 0.0 and training):
+        if xa is None:
+            out = bn_conv(x, norms[0], convs[0], pre_act="relu", post=norms[1], act="relu", backend=backend)
+        else:
+            out = conv_bn(xa, convs[0], norms[1], act="relu", backend=backend)
+        for conv_i, norm_next in zip(convs[1:-1], norms[2:]):
+            out = conv_bn(out, conv_i, norm_next, act="relu", backend=backend)
+        return conv(out, convs[-1], residual=sc, backend=backend)
+    out = conv(xa, convs[0], backend=backend) if xa is not None else bn_conv(x, norms[0], convs[0], pre_act="relu",
+                                                                              backend=backend)
     for i in range(1, len(convs)):
         if dropout > 0.0 and training:
             out = TF.dropout(out, dropout, training=True)
