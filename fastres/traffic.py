@@ -626,11 +626,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=256, help="batch the bytes per image are given at")
     p.add_argument("--json", help="also write the rows as JSON to this path")
     p.add_argument("--readme", help="also write the Markdown table between the traffic markers of this file")
+    p.add_argument("--load", metavar="JSON", help="render the rows of an earlier --json run instead of measuring")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if args.load:
+        with open(args.load) as f:
+            rows = [Row(**{k: v for k, v in d.items() if k != "met"}) for d in json.load(f)]
+    elif os.environ.get("TRITON_INTERPRET") != "1":
         p.error("run with TRITON_INTERPRET=1 (or use `fastres gpu-report --traffic`)")
-    torch.manual_seed(0)
-    rows = report(args.blocks, batch=args.batch)
+    else:
+        torch.manual_seed(0)
+        rows = report(args.blocks, batch=args.batch)
     print(format_table(rows))
     print()
     print(summary(rows))
