@@ -23,29 +23,27 @@ from fastres.benchmark import provider_key
 BEGIN, END = markers("results")
 
 
-def load(paths: list[str]) -> dict[str, dict[str, float]]:
-    """group -> provider -> median seconds (a later file overrides an earlier one)."""
+def _collect(paths: list[str], value) -> dict[str, dict[str, float]]:
+    """group -> provider -> value(entry), for entries where it is not None (later files override)."""
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         for b in data["benchmarks"]:
-            provider = b.get("extra_info", {}).get("provider") or b["name"]
-            groups[b["group"] or b["name"]][provider] = b["stats"].get("median", b["stats"]["mean"])
+            v = value(b)
+            if v is not None:
+                groups[b["group"] or b["name"]][b.get("extra_info", {}).get("provider") or b["name"]] = v
     return dict(groups)
+
+
+def load(paths: list[str]) -> dict[str, dict[str, float]]:
+    """group -> provider -> median seconds (means for entries that carry no median)."""
+    return _collect(paths, lambda b: b["stats"].get("median", b["stats"]["mean"]))
 
 
 def load_setup(paths: list[str]) -> dict[str, dict[str, float]]:
     """group -> provider -> setup seconds (convert / compile plus the first call), where recorded."""
-    groups: dict[str, dict[str, float]] = defaultdict(dict)
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        for b in data["benchmarks"]:
-            info = b.get("extra_info", {})
-            if "setup_s" in info:
-                groups[b["group"] or b["name"]][info.get("provider") or b["name"]] = info["setup_s"]
-    return dict(groups)
+    return _collect(paths, lambda b: b.get("extra_info", {}).get("setup_s"))
 
 
 def setup_table(groups: dict[str, dict[str, float]]) -> str:
