@@ -144,26 +144,33 @@ def _conv_variants():
 
 
 def conv_rows(arch: int, dtypes=("bf16", "fp32"), variants: Optional[list] = None) -> list[Row]:
+    """Every conv config, with each variant that can use it. Plain tiles compile a 3x3 64 -> 64
+    conv; packed-groups tiles a ResNeXt-like one, 32 groups of 4 channels, with the groups per
+    program the launcher would pass. Every stride is a multiple of 16 elements, as in ResNet stages."""
     from fastres.kernels import conv as K
     rows = []
     for dname in dtypes:
         dt = DTYPES[dname]
-        # 3x3, 64 -> 64 channels: every stride is a multiple of 16 elements, as in ResNet stages
         x = torch.empty(2, 64, 16, 16, dtype=dt).to(memory_format=CL)
-        w = torch.empty(64, 64, 3, 3, dtype=dt).to(memory_format=CL)
         out = torch.empty(2, 64, 16, 16, dtype=dt).to(memory_format=CL)
         vec = torch.empty(64, dtype=torch.float32)
         prec = "tf32" if dt == torch.float32 else "ieee"
         for vname, flags in variants or _conv_variants():
             for cfg in K.all_configs(x.element_size(), flags.get("NUM_MIX", 0)):
+                cg, groups = (4, 16) if cfg.PACK_GROUPS else (64, 1)
+                gpt = K.groups_per_tile(cg, cg, groups, x.element_size()) if cfg.PACK_GROUPS else 1
+                w = torch.empty(64, cg, 3, 3, dtype=dt).to(memory_format=CL)
                 with offline_target(arch):
                     k = K.conv2d_kernel.warmup(
-                        x, w, vec, vec, vec, x, out, out, 2, 16, 16, 16, 16, 64, 64,
+                        x, w, vec, vec, vec, x, out, out, 2, 16, 16, 16, 16, cg, 64 // groups, groups, gpt * cg, gpt * cg,
                         *x.stride(), *x.stride(), *w.stride(), *out.stride(), *out.stride(),
                         1, 1, 1, 1, 1, 1, R=3, S=3, **flags, DOT_PRECISION=prec, DOT_UPCAST=False,
                         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1,))
+                        PACK_GROUPS=cfg.PACK_GROUPS, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                        grid=(1,))
                 conf = f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_C} w{cfg.num_warps} s{cfg.num_stages}"
+                if cfg.PACK_GROUPS:
+                    conf += f" packed ({gpt} groups of {cg})"
                 rows.append(_row("conv2d", f"{dname} {vname}", conf, arch, k))
     return rows
 

@@ -8,8 +8,10 @@ Two counters run together inside `counting()`:
   `create_atomic_rmw`); the wrappers read the pointer array and the mask. Per launch they give the
   bytes requested (masked-on elements x element size, every program's every access) and the unique
   bytes touched (distinct addresses read + distinct addresses written: the compulsory DRAM traffic
-  of a GPU with a perfect cache within one launch), and the distinct 32-byte sectors (a coalescing
-  proxy).
+  of a GPU with a perfect cache within one launch), the distinct 32-byte sectors of the launch, and
+  the 32-byte sectors each single load or store of a program touches, summed over accesses (the
+  transactions of a GPU without cache reuse between instructions: a coalescing measure; bytes
+  requested / access sector bytes is the fraction of each fetched sector that is used).
 * aten: a TorchDispatchMode adds, for every aten op that is not part of a Triton launch, the bytes
   of the distinct elements of its tensor inputs (read) and outputs (written), each distinct view
   once per op; an in-place op reads and writes its tensor, `copy_` and `out=` only write theirs.
@@ -65,10 +67,12 @@ class Launch:
     requested: int = 0   # bytes of every masked-on access of every program
     unique: int = 0      # distinct bytes read + distinct bytes written
     sectors: int = 0     # bytes of distinct 32-byte sectors read + written
+    access_sectors: int = 0   # bytes of the 32-byte sectors of each access, summed over accesses
     _acc: dict = field(default_factory=dict, repr=False)  # (write, itemsize) -> [address arrays]
 
     def access(self, addrs: np.ndarray, itemsize: int, write: bool) -> None:
         self.requested += addrs.size * itemsize
+        self.access_sectors += np.unique(addrs // SECTOR).size * SECTOR
         self._acc.setdefault((write, itemsize), []).append(addrs)
 
     def close(self) -> None:
@@ -134,6 +138,13 @@ class Counter:
     @property
     def kernel_requested(self) -> int:
         return sum(lc.requested for lc in self.launches)
+
+    @property
+    def sector_use(self) -> float:
+        """Bytes requested / bytes of the sectors each access touched, over every launch (1 = every
+        fetched sector fully used; nan without launches)."""
+        fetched = sum(lc.access_sectors for lc in self.launches)
+        return self.kernel_requested / fetched if fetched else float("nan")
 
     @property
     def aten_bytes(self) -> int:
@@ -301,6 +312,7 @@ class Run:
     bytes: int
     kernel_bytes: int
     kernel_requested: int
+    sector_use: float
     aten_bytes: int
     phases: dict[str, int]
     kernels: dict[str, dict[str, int]]   # phase -> kernel -> launches
@@ -348,7 +360,7 @@ def measure(model: nn.Module, x: Inputs, *, training: bool) -> Run:
                 y.backward(grad)
             decisions["backward"] = list(dict.fromkeys((op, b, why) for _, op, b, why in rec))
     kernels = {phase: c.kernels(phase) for phase in decisions}
-    return Run(c.total, c.kernel_bytes, c.kernel_requested, c.aten_bytes, dict(c.phases), kernels,
+    return Run(c.total, c.kernel_bytes, c.kernel_requested, c.sector_use, c.aten_bytes, dict(c.phases), kernels,
                dict(c.aten), decisions)
 
 
@@ -378,6 +390,7 @@ class Row:
     backward_reference: list[str]   # fastres backward ops that chose the reference
     top_aten: list[tuple[str, float]]   # the fused path's largest aten ops, bytes per image
     note: str = ""
+    sector_use: float = float("nan")    # fused launches: bytes requested / bytes of the sectors fetched
 
     @property
     def met(self) -> Optional[bool]:
@@ -443,7 +456,7 @@ def compare(name: str, family: str, make_model: Callable[[], nn.Module],
                         GOALS.get((family, mode)), flops, roofline_us(e_img, flops),
                         roofline_us(f_img, flops), e_fixed, f_fixed, kern_img, req_img,
                         e_bwd_img, bwd_img, f2.kernels["forward"], fallbacks, f2.kernels.get("backward", {}), backward,
-                        [(op, b) for op, b in top if b > 0]))
+                        [(op, b) for op, b in top if b > 0], sector_use=f2.sector_use))
     return rows
 
 
@@ -468,12 +481,12 @@ def _image(c: int, hw: int) -> Callable[[int], torch.Tensor]:
     return lambda n: torch.randn(n, c, hw, hw).to(DTYPE).to(memory_format=CL)
 
 
-def _tv_bottleneck(inplanes: int, planes: int, stride: int) -> nn.Module:
+def _tv_bottleneck(inplanes: int, planes: int, stride: int, groups: int = 1, base_width: int = 64) -> nn.Module:
     from torchvision.models import resnet as tv
     ds = None
     if stride != 1 or inplanes != planes * 4:
         ds = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
-    return _prep(tv.Bottleneck(inplanes, planes, stride, ds))
+    return _prep(tv.Bottleneck(inplanes, planes, stride, ds, groups=groups, base_width=base_width))
 
 
 def _tv_basic(planes: int) -> nn.Module:
@@ -524,6 +537,8 @@ BLOCKS: dict[str, Block] = {
                                "256-128-512 stride 2, projection, 56x56 in"),
     "resnet50 layer3.1": Block("Bottleneck", lambda: _tv_bottleneck(1024, 256, 1), _image(1024, 14),
                                "1024-256-1024 14x14"),
+    "resnext50_32x4d layer1.1": Block("Bottleneck", lambda: _tv_bottleneck(256, 64, 1, groups=32, base_width=4),
+                                      _image(256, 56), "256-128(32x4)-256 56x56"),
     "resnetv2_50 stages.0.1": Block("PreActBottleneck", lambda: _timm_preact(256, 256, 1), _image(256, 56),
                                     "256-64-256 56x56"),
     "resnetv2_50 stages.1.0": Block("PreActBottleneck", lambda: _timm_preact(256, 512, 2), _image(256, 56),
@@ -560,7 +575,7 @@ def _mb(b: float) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = ("block", "shape", "mode", "eager MB/img", "fused MB/img", "fused/eager", "goal",
-            "eager us/img", "fused us/img", "bwd MB eager/fused", "kernels, fallbacks")
+            "eager us/img", "fused us/img", "bwd MB eager/fused", "sector use", "kernels, fallbacks")
     lines = [head]
     for r in rows:
         goal = "" if r.goal is None else f"<= {r.goal:.1f} " + {True: "met", False: "NOT met", None: "n/a"}[r.met]
@@ -576,7 +591,8 @@ def format_table(rows: list[Row]) -> str:
                 what += " (reference: " + ", ".join(r.backward_reference) + ")"
         lines.append((f"{r.block} ({r.family})", r.shape, r.mode, _mb(r.eager_img), _mb(r.fused_img),
                       "n/a" if r.ratio != r.ratio else f"{r.ratio:.2f}", goal,
-                      f"{r.eager_us:.2f}", f"{r.fused_us:.2f}", bwd, r.note or what))
+                      f"{r.eager_us:.2f}", f"{r.fused_us:.2f}", bwd,
+                      "n/a" if r.sector_use != r.sector_use else f"{r.sector_use:.0%}", r.note or what))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 

@@ -284,15 +284,17 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
     n, _, h, w = x.shape
     k, cg, r, s = weight.shape
     kg = k // groups
-    cfg = config or K.pick_config(cg, kg, x.element_size())
-    grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(kg, cfg.BLOCK_N), groups)
+    cfg = config or K.pick_config(cg, kg, x.element_size(), groups=groups)
+    gpt = K.groups_per_tile(cg, kg, groups, x.element_size()) if cfg.PACK_GROUPS else 1
+    grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(gpt * kg, cfg.BLOCK_N),
+            triton.cdiv(groups, gpt))
     zero4 = (0, 0, 0, 0)
     with triton_device(x):
         K.conv2d_kernel[grid](
             x, weight, bias if bias is not None else x, scale if scale is not None else x,
             shift if shift is not None else x, addend if addend is not None else x,
             residual if residual is not None else x, out,
-            n, h, w, shape[2], shape[3], cg, kg,
+            n, h, w, shape[2], shape[3], cg, kg, groups, gpt * cg, gpt * kg,
             *x.stride(), *(addend.stride() if addend is not None else zero4), *weight.stride(),
             *(residual.stride() if residual is not None else zero4), *out.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
@@ -300,7 +302,7 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
             HAS_PRE_SHIFT=shift is not None, PRE_ACT=K.ACTS[pre_act], HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, ACT=K.ACTS[act], DOT_PRECISION=_dot_precision(x),
             DOT_UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, PACK_GROUPS=cfg.PACK_GROUPS,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(mix or {}))
     return out
 

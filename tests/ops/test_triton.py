@@ -73,3 +73,24 @@ def test_conv_tile_heuristic():
                 assert cfg.BLOCK_C * elem <= 128 and cfg.num_warps <= 4   # triton#1254
                 assert cfg.BLOCK_N >= min(kg, max(K.BLOCK_NS)) and cfg.BLOCK_C >= min(cg, 128 // elem, max(K.BLOCK_CS))
                 assert min(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_C) >= 16      # tl.dot's minimum
+                assert not cfg.PACK_GROUPS
+
+
+def test_conv_packed_groups_heuristic():
+    """Narrow groups share a program: as many (a power of two) as fill a 64-byte tile both ways,
+    never more than the groups there are, and the tile covers all of their channels."""
+    from fastres.kernels import conv as K
+    for elem in (2, 4):
+        width = K.PACK_BYTES // elem
+        configs = K.all_configs(elem)
+        for cg, kg, groups in [(4, 4, 32), (8, 8, 32), (16, 16, 64), (6, 5, 8), (4, 4, 3), (2, 3, 20), (32, 32, 32)]:
+            gpt = K.groups_per_tile(cg, kg, groups, elem)
+            cfg = K.pick_config(cg, kg, elem, groups=groups)
+            assert cfg in configs
+            assert cfg.PACK_GROUPS == (gpt > 1) == (2 * max(cg, kg) <= width)
+            if gpt > 1:
+                assert gpt & (gpt - 1) == 0 and gpt < 2 * groups and gpt * max(cg, kg) <= width
+                assert 2 * gpt * max(cg, kg) > width or gpt >= groups     # as many as fit
+                assert cfg.BLOCK_C >= gpt * cg and cfg.BLOCK_N >= gpt * kg and cfg.BLOCK_C * elem <= 128
+    assert K.groups_per_tile(4, 4, 32, 2) == 8 and K.groups_per_tile(4, 4, 32, 4) == 4   # resnext50_32x4d
+    assert K.groups_per_tile(32, 32, 32, 2) == 1

@@ -60,7 +60,10 @@ GEOMETRIES = {
     "odd15": (2, 37, 15, 15, 50, (3, 3), (1, 1), (1, 1), (1, 1), 1),
     "stride2": (2, 37, 15, 15, 50, (3, 3), (2, 2), (1, 1), (1, 1), 1),
     "dilation2": (1, 16, 15, 15, 24, (3, 3), (1, 1), (2, 2), (2, 2), 1),
-    "groups32x4": (1, 128, 7, 7, 128, (3, 3), (1, 1), (1, 1), (1, 1), 32),
+    "groups32x4": (1, 128, 7, 7, 128, (3, 3), (1, 1), (1, 1), (1, 1), 32),   # ResNeXt: packed groups
+    "groups8_6to5": (2, 48, 5, 5, 40, (3, 3), (1, 1), (1, 1), (1, 1), 8),    # C/G=6, K/G=5: not powers of 2
+    "groups15_s2": (1, 60, 7, 7, 60, (3, 3), (2, 2), (1, 1), (1, 1), 15),    # a partial last tile of groups
+    "groups2x32": (1, 64, 5, 5, 64, (3, 3), (1, 1), (1, 1), (1, 1), 2),      # two per tile in 16-bit only
     "1x1spatial": (3, 20, 1, 1, 30, (1, 1), (1, 1), (0, 0), (1, 1), 1),
     "3x3_on_1x1": (2, 24, 1, 1, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1),   # all taps but one padded
     "down1x1": (2, 24, 8, 8, 40, (1, 1), (2, 2), (0, 0), (1, 1), 1),
@@ -180,6 +183,24 @@ def test_conv2d_every_config(dtype):
     eager = ops.conv2d(*args, "reference")
     configs = KC.all_configs(torch.empty(0, dtype=dtype).element_size())
     assert len(configs) >= 6
+    for cfg in configs:
+        y = conv2d_triton(*args, config=cfg)
+        if dtype == torch.float32:
+            assert_close(y, oracle, dtype=dtype, name=str(cfg))
+        else:
+            assert_as_accurate(y, eager, oracle, dtype=dtype, name=str(cfg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=IDS.get)
+def test_conv2d_every_packed_groups_config(dtype):
+    """Every packed-groups tile on one grouped shape (C/G=6, K/G=5, 8 groups): the narrow tiles
+    split the packed groups' channels into several chunks and their columns into several tiles."""
+    geom = (2, 48, 5, 5, 40, (3, 3), (1, 1), (1, 1), (1, 1), 8)
+    args = conv_args(geom, dtype, **ALL)
+    oracle = ops.conv2d(*_f64(args), "reference")
+    eager = ops.conv2d(*args, "reference")
+    configs = [c for c in KC.all_configs(torch.empty(0, dtype=dtype).element_size()) if c.PACK_GROUPS]
+    assert len(configs) >= (4 if dtype == torch.bfloat16 else 1)
     for cfg in configs:
         y = conv2d_triton(*args, config=cfg)
         if dtype == torch.float32:

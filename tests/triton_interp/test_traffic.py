@@ -12,6 +12,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 
 from fastres import traffic as T  # noqa: E402
+from tests.utils import assert_close  # noqa: E402
 
 CL = torch.channels_last
 ops = torch.ops.fastres
@@ -60,6 +61,26 @@ def test_aten_counter_inputs_plus_outputs():
         a * vec.view(1, 8, 1, 1).expand(4, 8, 5, 5)   # a broadcast operand: its 8 distinct elements
     moved = {op: v for op, v in c.aten.items() if v[1]}
     assert moved == {"copy_": [1, 2 * nb], "_to_copy": [1, nb + nb // 2], "mul": [1, 2 * nb + 8 * 4]}, c.aten
+
+
+def test_packed_groups_use_whole_sectors():
+    """ResNeXt's 4-channel groups: one group per program fetches a 32-byte sector for 8 bytes of
+    bf16 channels; packed groups read each pixel's channels of 8 groups as one run. Same unique
+    bytes and the same output either way."""
+    from fastres.kernels import conv as K
+    from fastres.ops.conv import conv2d_triton
+    x = torch.randn(1, 128, 8, 8).bfloat16().to(memory_format=CL)
+    w = torch.randn(128, 4, 3, 3).bfloat16().to(memory_format=CL)
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], 32, None, None, None, None, "identity", False, None, None, "relu")
+    runs = {}
+    for name, cfg in (("one", K.Config(64, 32, 16, 4, 3)), ("packed", K.pick_config(4, 4, 2, groups=32))):
+        with T.counting() as c:
+            runs[name] = (conv2d_triton(*args, config=cfg), c)
+    assert K.pick_config(4, 4, 2, groups=32).PACK_GROUPS
+    (y1, one), (y2, packed) = runs["one"], runs["packed"]
+    assert_close(y2, y1, dtype=torch.bfloat16, name="packed vs one group per program")
+    assert one.launches[0].unique == packed.launches[0].unique
+    assert one.sector_use < 0.3 < 0.8 < packed.sector_use, (one.sector_use, packed.sector_use)
 
 
 # small versions of the stage shapes (same blocks, same code paths: identity shortcut, bf16,
