@@ -70,8 +70,12 @@ FASTRES_HD T act_backward(T g, T v) {
   }
 }
 
-// Whether act_backward reads the pre-activation z (else the saved output y).
+// Whether act_backward reads the pre-activation z (else the saved output y). Without a saved
+// output, the relu family's y is recomputed from z and rounded as the forward stored it (z < 6 can
+// round to y = 6).
 constexpr bool needs_input(Act a) { return a == Act::Silu; }
+// Whether rounding dL/dz to the input dtype is exact: a masked copy of dL/dy.
+constexpr bool masks_only(Act a) { return a != Act::Silu; }
 
 // ---- host-side selection -------------------------------------------------------------------------
 inline Act parse_act(const std::string& name) {

@@ -159,9 +159,10 @@ struct Backward {
 };
 
 // The checked saved output `out` that the relu family reads its mask from (undefined otherwise).
-inline Tensor saved_output(const Inputs& in, const OptTensor& out, bool needed) {
-  if (!needed) return {};
-  TORCH_CHECK(present(out), "fastres: bn_act_backward needs the saved output for relu and relu6");
+// The saved output the relu family reads its mask from; undefined without one (then the mask is
+// recomputed from x) and for the other activations.
+inline Tensor saved_output(const Inputs& in, const OptTensor& out, bool used) {
+  if (!used || !present(out)) return {};
   return in.like_x(*out, "out");
 }
 

@@ -18,7 +18,8 @@ Batch statistics, two stages, fp32 throughout:
 Shifted sums never subtract two large sums, so a large mean does not cancel the variance away.
 
 Backward of bn_act, z = (x - mean) * invstd * weight + bias (+ residual), y = act(z), in fp32:
-    `bn_act_backward_kernel`  gz = dL/dz from dL/dy (relu/relu6 masked by the saved y, silu
+    `bn_act_backward_kernel`  gz = dL/dz from dL/dy (relu/relu6 masked by the saved y or by y
+                              recomputed from x and rounded as the forward stored it; silu's z
                               recomputed from x), then, by flags: grad of residual (= gz), the
                               chunk's partial sums sum(gz) and sum(gz * (x - mean)), and either
                               gx = gz * scale (eval) or the training-mode
@@ -170,15 +171,17 @@ def bn_act_backward_kernel(
     sen, sec, seh, sew,
     ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     STORE_GRES: tl.constexpr, SUM_G: tl.constexpr, SUM_GX: tl.constexpr, GX: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RECOMPUTE: tl.constexpr = False,
 ):
     """One pass over TILES*BLOCK_P consecutive positions for BLOCK_C channels.
 
     grad_ptr    (N, C, H, W) dL/dy, strides sg*; P = N*H*W, HW = H*W
-    x_ptr       (N, C, H, W) input, strides sx* (read for silu, SUM_GX and GX == 2)
+    x_ptr       (N, C, H, W) input, strides sx* (read for RECOMPUTE, SUM_GX and GX == 2)
     scale_ptr, shift_ptr (C,) fp32 folded BN: z = x * scale + shift (HAS_SCALE / HAS_SHIFT)
-    res_ptr     (N, C, H, W) residual, strides sr*: HAS_RESIDUAL, read only to recompute silu's z
-    out_ptr     (N, C, H, W) saved output y, strides so* (relu, relu6)
+    res_ptr     (N, C, H, W) residual, strides sr*: HAS_RESIDUAL, read only to recompute z
+    out_ptr     (N, C, H, W) saved output y, strides so*: the relu family's mask unless RECOMPUTE
+    RECOMPUTE   z recomputed from x (+ residual) for the activation's derivative: silu always,
+                relu/relu6 when no output was saved (y = act(z) rounded to x's dtype, as stored)
     mean_ptr    (C,) fp32 mean (zeros without one) for SUM_GX and GX == 2
     k_ptr       (2, C) fp32 k0, k1 of bn_act_backward_combine_kernel (GX == 2)
     gx_ptr      (N, C, H, W) grad of x, strides sd*: GX 0 none, 1 gz * scale, 2 the training form
@@ -191,7 +194,7 @@ def bn_act_backward_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c64 = c.to(tl.int64)
-    LOAD_X: tl.constexpr = (ACT == 3) or SUM_GX or (GX == 2)
+    LOAD_X: tl.constexpr = RECOMPUTE or SUM_GX or (GX == 2)
     if HAS_SCALE:
         scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)[None, :]
     if HAS_SHIFT:
@@ -211,7 +214,7 @@ def bn_act_backward_kernel(
         if LOAD_X:
             x_off = _position_offsets(p, HW, W, sxn, sxh, sxw)[:, None] + c64[None, :] * sxc
             x = tl.load(x_ptr + x_off, mask=ok, other=0.0).to(tl.float32)
-        if ACT == 3:
+        if RECOMPUTE:
             z = x
             if HAS_SCALE:
                 z = z * scale
@@ -220,6 +223,8 @@ def bn_act_backward_kernel(
             if HAS_RESIDUAL:
                 r_off = _position_offsets(p, HW, W, srn, srh, srw)[:, None] + c64[None, :] * src
                 z = z + tl.load(res_ptr + r_off, mask=ok, other=0.0).to(tl.float32)
+            if ACT != 3:   # the relu family's mask: the output as the forward rounded it
+                z = apply_act(z, ACT).to(x_ptr.dtype.element_ty).to(tl.float32)
             gz = act_grad(gz, z, ACT)
         elif ACT != 0:
             o_off = _position_offsets(p, HW, W, son, soh, sow)[:, None] + c64[None, :] * soc

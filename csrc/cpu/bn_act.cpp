@@ -134,25 +134,34 @@ void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& 
   O* s0 = g.s0_partial.defined() ? g.s0_partial.mutable_data_ptr<O>() : nullptr;
   O* s1 = g.s1_partial.defined() ? g.s1_partial.mutable_data_ptr<O>() : nullptr;
 
-  // dL/dz for the step (i, j, n); xv holds x there when the activation needs it.
+  // dL/dz for the step (i, j, n); xv holds x there when the activation is recomputed from it
+  // (silu's z; the relu family's output, as the forward rounded it, when none was saved).
+  const bool recompute = A != Act::Identity && (needs_input(A) || !y);
   auto grad_z = [&](int64_t i, int64_t j, int64_t n, int64_t c, const Pack& xv) C10_ALWAYS_INLINE_ATTRIBUTE {
     Pack gz = IO::load(dy + i, n);
-    if constexpr (needs_input(A)) {
-      auto s = IO::chan(scale + c, L.cl, j, n), b = IO::chan(shift + c, L.cl, j, n);
-      Pack rv;
-      if (r) rv = IO::load(r + i, n);
-      for (int k = 0; k < IO::kParts; ++k) {
-        auto z = xv[k] * s[k] + b[k];
-        gz[k] = act_backward<A>(gz[k], r ? z + rv[k] : z);
+    if constexpr (A != Act::Identity) {
+      if (recompute) {
+        auto s = IO::chan(scale + c, L.cl, j, n), b = IO::chan(shift + c, L.cl, j, n);
+        Pack v, rv;
+        if (r) rv = IO::load(r + i, n);
+        for (int k = 0; k < IO::kParts; ++k) {
+          auto z = xv[k] * s[k] + b[k];
+          v[k] = r ? z + rv[k] : z;
+        }
+        if constexpr (!needs_input(A)) {
+          for (int k = 0; k < IO::kParts; ++k) v[k] = act_forward<A>(v[k]);
+          v = IO::rounded(v);
+        }
+        for (int k = 0; k < IO::kParts; ++k) gz[k] = act_backward<A>(gz[k], v[k]);
+      } else {
+        Pack v = IO::load(y + i, n);
+        for (int k = 0; k < IO::kParts; ++k) gz[k] = act_backward<A>(gz[k], v[k]);
       }
-    } else if constexpr (A != Act::Identity) {
-      Pack v = IO::load(y + i, n);
-      for (int k = 0; k < IO::kParts; ++k) gz[k] = act_backward<A>(gz[k], v[k]);
     }
     return gz;
   };
 
-  const bool load_x = needs_input(A) || s1;
+  const bool load_x = recompute || s1;
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C, row = t * L.width();
     TileSum<T> sum0(s0 ? s0 + row : nullptr, L.cl), sum1(s1 ? s1 + row : nullptr, L.cl);
@@ -183,11 +192,13 @@ void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& 
   T* gxt = g.gx.mutable_data_ptr<T>();
   const O* k0 = g.k0.const_data_ptr<O>();
   const O* k1 = g.k1.const_data_ptr<O>();
+  // pass 1 stored dL/dz as the residual's grad: exactly, for a mask; read it instead of dL/dy and y
+  const T* gz_saved = masks_only(A) ? gres : nullptr;
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C;
     for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) {
       Pack xv = IO::load(x + i, n);
-      Pack gz = grad_z(i, j, n, c, xv);
+      Pack gz = gz_saved ? IO::load(gz_saved + i, n) : grad_z(i, j, n, c, xv);
       auto s = IO::chan(scale + c, L.cl, j, n), m = IO::chan(mean + c, L.cl, j, n);
       auto a0 = IO::chan(k0 + c, L.cl, j, n), a1 = IO::chan(k1 + c, L.cl, j, n);
       for (int k = 0; k < IO::kParts; ++k) gz[k] = s[k] * (gz[k] - a0[k] - (xv[k] - m[k]) * a1[k]);

@@ -44,6 +44,16 @@ struct Io {
     n == kStep ? w.store(p) : w.store(p, n);
   }
 
+  // v rounded to T and back: what a store and a load of v would give.
+  static C10_ALWAYS_INLINE Pack rounded(const Pack& v) {
+    if constexpr (kParts == 1) {
+      return v;
+    } else {
+      auto [a, b] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v[0], v[1]));
+      return {a, b};
+    }
+  }
+
   // Per-channel values for elements [j, j + n) of a run: a vector load along a channels_last
   // row (inner), a broadcast of *p along an NCHW plane.
   static C10_ALWAYS_INLINE Pack chan(const O* p, bool inner, int64_t j, int64_t n) {

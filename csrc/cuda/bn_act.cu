@@ -104,16 +104,20 @@ Tensor bn_act_cuda(const Tensor& x, const OptTensor& weight, const OptTensor& bi
 
 // ---- bn_act_backward -----------------------------------------------------------------------------
 // The two passes of Backward (bn_act.h).
+// dL/dz at element i of channel c: silu's z recomputed from x, the relu family's mask read from
+// the saved output or, without one, from that output recomputed and rounded as the forward did.
 template <Act A, typename T>
 __device__ __forceinline__ at::opmath_type<T> grad_z(const Args<T>& a, int64_t i, int64_t c) {
   using O = at::opmath_type<T>;
   O gz = O(a.dy[i]);
-  if constexpr (needs_input(A)) {
-    O z = O(a.x[i]) * a.scale[c] + a.shift[c];
-    if (a.r) z += O(a.r[i]);
-    gz = act_backward<A>(gz, z);
-  } else if constexpr (A != Act::Identity) {
-    gz = act_backward<A>(gz, O(a.y[i]));
+  if constexpr (A != Act::Identity) {
+    if (needs_input(A) || !a.y) {
+      O z = O(a.x[i]) * a.scale[c] + a.shift[c];
+      if (a.r) z += O(a.r[i]);
+      gz = act_backward<A>(gz, needs_input(A) ? z : O(T(act_forward<A>(z))));
+    } else {
+      gz = act_backward<A>(gz, O(a.y[i]));
+    }
   }
   return gz;
 }
@@ -158,7 +162,8 @@ __global__ void bn_act_grad_x_kernel(Args<T> a, int64_t n) {
   using O = at::opmath_type<T>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t c = channel_of(i, a.cl, a.C, a.HW);
-    const O gz = grad_z<A>(a, i, c);
+    // pass 1 stored dL/dz as the residual's grad: exactly, for a mask; read it instead of dL/dy and y
+    const O gz = masks_only(A) && a.gres ? O(a.gres[i]) : grad_z<A>(a, i, c);
     a.gx[i] = T(a.scale[c] * (gz - a.k0[c] - (O(a.x[i]) - a.mean[c]) * a.k1[c]));
   }
 }

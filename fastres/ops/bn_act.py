@@ -254,7 +254,9 @@ def _bn_backward_supports(grad, x, weight, bias, mean, invstd, residual, out, ac
 def bn_act_backward_triton(grad, x, weight, bias, mean, invstd, residual, out, act, training, mask):
     """Grads of (x, residual, weight, bias) as the reference computes them: one pass that yields
     gres, the per-channel partial sums and (eval) gx; with training, a deterministic merge of the
-    partials and a second pass for gx."""
+    partials and a second pass for gx. The activation's derivative is recomputed from x for silu
+    and for relu/relu6 without a saved `out`; when pass 1 stored a relu-family gz as gres (exact:
+    a masked copy of grad), pass 2 reads it instead of grad and the mask."""
     import triton
 
     from fastres.kernels import bn_act as K
@@ -262,8 +264,6 @@ def bn_act_backward_triton(grad, x, weight, bias, mean, invstd, residual, out, a
     check_act(act)
     if len(mask) != 4:
         raise ValueError(f"fastres.bn_act_backward: output_mask must have 4 entries, got {len(mask)}")
-    if act in ("relu", "relu6") and out is None:
-        raise ValueError(f"fastres.bn_act_backward: {act} needs the saved output `out`")
     need_x, need_res = mask[0], mask[1]
     need_w, need_b = mask[2] and weight is not None, mask[3] and bias is not None
     second_pass = need_x and training
@@ -273,7 +273,7 @@ def bn_act_backward_triton(grad, x, weight, bias, mean, invstd, residual, out, a
     dev = x.device
     scale, shift = (v.contiguous() if v is not None else None
                     for v in ref.scale_shift(weight, bias, mean, invstd, x))
-    silu = act == "silu"
+    recompute = act == "silu" or act != "identity" and out is None
     mean32 = mean.float().contiguous() if mean is not None else torch.zeros(c, device=dev)
     invstd32 = invstd.float().contiguous() if invstd is not None else torch.ones(c, device=dev)
     empty = grad.new_empty(0)
@@ -286,30 +286,34 @@ def bn_act_backward_triton(grad, x, weight, bias, mean, invstd, residual, out, a
     tiles = triton.cdiv(triton.cdiv(p, bp), max(1, STATS_CHUNKS // c_blocks))
     chunks = triton.cdiv(p, tiles * bp)
     part = torch.empty((2, chunks, c) if sum_g or sum_gx else (0,), dtype=torch.float32, device=dev)
-    tensors = (grad, x, scale if scale is not None else x, shift if shift is not None else x,
-               residual if residual is not None and silu else x, out if out is not None else x,
-               mean32, sums[2:])
-    flags = dict(ACT=ACTS[act], HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None and silu,
-                 HAS_RESIDUAL=residual is not None and silu, BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
-    strides = (*grad.stride(), *x.stride(), *_strides(residual if silu else None), *_strides(out),
-               *_strides(gx if need_x else None), *_strides(gres if need_res else None))
+    res = residual if residual is not None and recompute else None
 
-    def launch(grid, tiles, **pass_flags):
-        K.bn_act_backward_kernel[grid](*tensors, gx if need_x else x, gres if need_res else x,
-                                       part if part.numel() else x, p, c, h * w, w, tiles, *strides,
-                                       **flags, **pass_flags)
+    def launch(grid, tiles, g, act, recompute, **pass_flags):
+        r = res if recompute else None
+        K.bn_act_backward_kernel[grid](
+            g, x, scale if scale is not None else x, shift if shift is not None else x,
+            r if r is not None else x, out if out is not None else x, mean32, sums[2:],
+            gx if need_x else x, gres if need_res else x, part if part.numel() else x,
+            p, c, h * w, w, tiles, *g.stride(), *x.stride(), *_strides(r), *_strides(out),
+            *_strides(gx if need_x else None), *_strides(gres if need_res else None),
+            ACT=ACTS[act], RECOMPUTE=recompute, HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None and recompute, HAS_RESIDUAL=r is not None,
+            BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS, **pass_flags)
 
     with triton_device(x):
         if need_res or sum_g or sum_gx or (need_x and not training):
-            launch((chunks, c_blocks), tiles, STORE_GRES=need_res, SUM_G=sum_g, SUM_GX=sum_gx,
-                   GX=1 if need_x and not training else 0)
+            launch((chunks, c_blocks), tiles, grad, act, recompute, STORE_GRES=need_res, SUM_G=sum_g,
+                   SUM_GX=sum_gx, GX=1 if need_x and not training else 0)
         if sum_g or sum_gx:
             cb = min(triton.next_power_of_2(c), 1024)
             K.bn_act_backward_combine_kernel[(triton.cdiv(c, cb),)](
                 part, invstd32, sums, c, chunks, float(p), TRAINING=second_pass, BLOCK_C=cb,
                 num_warps=K.NUM_WARPS)
         if second_pass:
-            launch((triton.cdiv(p, bp), c_blocks), 1, STORE_GRES=False, SUM_G=False, SUM_GX=False, GX=2)
+            saved_gz = need_res and act != "silu"
+            launch((triton.cdiv(p, bp), c_blocks), 1, gres if saved_gz else grad,
+                   "identity" if saved_gz else act, recompute and not saved_gz,
+                   STORE_GRES=False, SUM_G=False, SUM_GX=False, GX=2)
     return (gx, gres, sums[1].to(weight.dtype, copy=True) if need_w else empty,
             sums[0].to(bias.dtype, copy=True) if need_b else empty)
 

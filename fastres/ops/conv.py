@@ -108,8 +108,10 @@ def _backward_ops(grad, out, x, weight, bias, stride, padding, dilation, groups,
                   pre_act, pre_training, addend, act, needs, backend):
     """The backward as three passes on the chosen backend around ATen's convolution_backward:
     the epilogue's activation mask (bn_act_backward of the output), the prologue's BN-act
-    recomputed from x (bn_act), and its backward with the batch statistics' gradient
-    (bn_act_backward). The elementwise work is the fused ops' own, not a chain of ATen ops."""
+    recomputed from x (bn_act) for the weight gradient, and its backward with the batch
+    statistics' gradient (bn_act_backward, its activation's derivative recomputed from x, which
+    it reads anyway, rather than read from the recomputed a). The elementwise work is the fused
+    ops' own, not a chain of ATen ops."""
     from fastres.ops.bn_act import bn_act, bn_act_backward
     nx, nw, nb, npw, npb, nadd, nres = needs
     gz = grad
@@ -125,7 +127,7 @@ def _backward_ops(grad, out, x, weight, bias, stride, padding, dilation, groups,
                                                     [0, 0], groups, [need_ga, nw, False])
     gx = gpw = gpb = None
     if prologue and (nx or npw or npb):
-        gx, _, gpw, gpb = bn_act_backward(ga, x, pw, pb, pmean, pinvstd, None, a_act, pre_act, pre_training,
+        gx, _, gpw, gpb = bn_act_backward(ga, x, pw, pb, pmean, pinvstd, None, None, pre_act, pre_training,
                                           [nx, False, npw and pw is not None, npb and pb is not None], backend)
     elif nx:
         gx = ga

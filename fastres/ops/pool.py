@@ -76,7 +76,7 @@ def _backward(ctx, grad):
         ga = torch.ops.aten.avg_pool2d_backward(grad, a, kernel_size, stride, padding, False, True, None)
     if not prologue:
         return (ga,) + (None,) * 11
-    gx, _, gw, gb = bn_act_backward(ga, x, weight, bias, mean, invstd, None, a, act, training,
+    gx, _, gw, gb = bn_act_backward(ga, x, weight, bias, mean, invstd, None, None, act, training,
                                     [nx, False, nw and weight is not None, nb and bias is not None], backend)
     return (gx if nx else None, gw if nw else None, gb if nb else None) + (None,) * 9
 

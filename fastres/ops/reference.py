@@ -117,9 +117,13 @@ def bn_act_backward(grad: Tensor, x: Tensor, weight, bias, mean, invstd, residua
                     out: Optional[Tensor], act: str, training: bool,
                     output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Grads of (x, residual, weight, bias); entries not in output_mask are empty. The activation
-    is recomputed from the saved input (silu) or read from the saved output (relu family)."""
+    is recomputed from the saved input (silu, and the relu family without a saved output `out`)
+    or read from the saved output (relu family)."""
     if act == "silu":
         gz = act_backward(_acc(grad), act, z=bn_pre(x, weight, bias, mean, invstd, residual))
+    elif out is None and act != "identity":   # the output as the forward rounded it
+        z = bn_pre(x, weight, bias, mean, invstd, residual)
+        gz = act_backward(_acc(grad), act, y=apply_act(z, act).to(x.dtype))
     else:
         gz = act_backward(_acc(grad), act, y=out)
     gx, gw, gb = bn_backward(gz, x, weight, mean, invstd, training, output_mask[0],
