@@ -4,6 +4,10 @@ BN arguments follow `torch.nn.functional.batch_norm`: (running_mean, running_var
 training, momentum, eps). With `training=True` the batch statistics normalise the input and the
 running statistics (when given) are updated in place under no_grad, exactly as ATen's batch norm
 does; `momentum` is the already-resolved exponential average factor. Names say what is fused.
+
+Statistics: a conv asked `with_stats=True` also returns its output's batch (mean, biased
+variance), from the kernel's epilogue on Triton; passing them as `stats=` to the BN of that output
+(`bn_act`, `bn_prologue`, `bn_act_conv2d`) spares it a pass over the tensor.
 """
 from __future__ import annotations
 
@@ -26,12 +30,17 @@ def _pair(v) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
+Stats = tuple[Tensor, Tensor]   # per-channel batch (mean, biased variance) of a tensor
+
+
 def bn_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-             momentum: float, eps: float, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """(mean, invstd) that normalise `x`: its batch statistics when `training` (updating the
-    running buffers, when given, exactly as ATen does), else the running ones."""
+             momentum: float, eps: float, *, stats: Optional[Stats] = None,
+             backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) that normalise `x`: its batch statistics when `training` (`stats` when
+    given, else taken here; the running buffers, when given, updated exactly as ATen does), else
+    the running ones."""
     if training:
-        mean, var = _ops.batch_stats(x, _b(backend))
+        mean, var = stats if stats is not None else _ops.batch_stats(x, _b(backend))
         count = x.numel() // max(x.shape[1], 1)
         if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
@@ -53,7 +62,7 @@ def _sync_scale_shift(x: Tensor, weight, bias, eps: float, running_mean, running
     float64 through a differentiable all_reduce, returned as a per-channel (scale, shift) whose
     autograd graph carries the cross-rank gradient."""
     from torch.distributed.nn.functional import all_reduce
-    mean, var = _ops.batch_stats(x, _b(backend))
+    mean, var = _ops.batch_stats(x, _b(backend))   # differentiable, unlike a conv's `stats`
     n = torch.full((1,), float(x.numel() // max(x.shape[1], 1)), dtype=torch.float64, device=x.device)
     m64 = mean.double()
     total = all_reduce(torch.cat([n, m64 * n, (var.double() + m64 * m64) * n]), group=group)
@@ -75,13 +84,14 @@ def _sync_scale_shift(x: Tensor, weight, bias, eps: float, running_mean, running
 
 
 def _bn(x: Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
-        eps: float, process_group, backend: Optional[str]) -> dict:
-    """The BN arguments of the bn_act / conv2d-prologue ops for this call."""
+        eps: float, process_group, backend: Optional[str], stats: Optional[Stats] = None) -> dict:
+    """The BN arguments of the bn_act / conv2d-prologue ops for this call. SyncBatchNorm takes its
+    statistics itself: their gradient crosses ranks through its scale and shift."""
     if training and process_group is not None:
         scale, shift = _sync_scale_shift(x, weight, bias, eps, running_mean, running_var, momentum,
                                          process_group, backend)
         return dict(weight=scale, bias=shift, mean=None, invstd=None, training=False)
-    mean, invstd = bn_stats(x, running_mean, running_var, training, momentum, eps, backend=backend)
+    mean, invstd = bn_stats(x, running_mean, running_var, training, momentum, eps, stats=stats, backend=backend)
     return dict(weight=weight, bias=bias, mean=mean, invstd=invstd, training=training)
 
 
@@ -95,10 +105,10 @@ def affine_act(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor], *,
 
 def bn_act(x: Tensor, running_mean, running_var, weight=None, bias=None, training: bool = False,
            momentum: float = 0.1, eps: float = 1e-5, *, act: str = "relu",
-           residual: Optional[Tensor] = None, process_group=None,
+           residual: Optional[Tensor] = None, process_group=None, stats: Optional[Stats] = None,
            backend: Optional[str] = None) -> Tensor:
-    """act(BN(x) + residual) in one pass over x."""
-    bn = _bn(x, running_mean, running_var, weight, bias, training, momentum, eps, process_group, backend)
+    """act(BN(x) + residual) in one pass over x (`stats`: x's batch statistics, if known)."""
+    bn = _bn(x, running_mean, running_var, weight, bias, training, momentum, eps, process_group, backend, stats)
     return _ops.bn_act(x, bn["weight"], bn["bias"], bn["mean"], bn["invstd"], residual, act,
                        bn["training"], _b(backend))
 
@@ -120,11 +130,13 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
            pre_bias: Optional[Tensor] = None, pre_mean: Optional[Tensor] = None,
            pre_invstd: Optional[Tensor] = None, pre_act: str = "identity", pre_training: bool = False,
            addend: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-           act: str = "identity", backend: Optional[str] = None) -> Tensor:
-    """act(conv(pre_act(BN(x)) + addend) + bias + residual); see fastres.ops.conv."""
-    return _ops.conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups,
-                       pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend,
-                       residual, act, _b(backend))
+           act: str = "identity", with_stats: bool = False, backend: Optional[str] = None):
+    """act(conv(pre_act(BN(x)) + addend) + bias + residual); see fastres.ops.conv. With
+    `with_stats`: (out, its batch statistics), for the BN that follows."""
+    op = _ops.conv2d_stats if with_stats else _ops.conv2d
+    out = op(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups, pre_weight, pre_bias,
+             pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act, _b(backend))
+    return (out[0], out[1:]) if with_stats else out
 
 
 def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight, bn_bias, mean: Tensor,
@@ -153,9 +165,10 @@ def conv2d_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mea
         w, b = fold_bn(weight, bias, bn_weight, bn_bias, mean, invstd)
         return conv2d(x, w, b, stride, padding, dilation, groups, addend=addend, residual=residual,
                       act=act, backend=backend)
-    y = conv2d(x, weight, bias, stride, padding, dilation, groups, addend=addend, backend=backend)
+    y, stats = conv2d(x, weight, bias, stride, padding, dilation, groups, addend=addend, with_stats=True,
+                      backend=backend)
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, act=act,
-                  residual=residual, process_group=process_group, backend=backend)
+                  residual=residual, process_group=process_group, stats=stats, backend=backend)
 
 
 def conv2d_bn_add_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean, running_var,
@@ -168,11 +181,13 @@ def conv2d_bn_add_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running
 
 def bn_prologue(x: Tensor, running_mean, running_var, bn_weight=None, bn_bias=None,
                 training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
-                process_group=None, backend: Optional[str] = None) -> dict:
+                process_group=None, stats: Optional[Stats] = None, backend: Optional[str] = None) -> dict:
     """The `pre_*` keyword arguments of `conv2d` that apply this BN to `x` as the conv loads it.
-    Batch statistics are taken (and running statistics updated) here, once: one BN output can
-    feed several consumers (`channels` gives a consumer its slice, `bn_act_from` materialises it)."""
-    bn = _bn(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, process_group, backend)
+    Batch statistics are taken (or `stats` used) and running statistics updated here, once: one BN
+    output can feed several consumers (`channels` gives a consumer its slice, `bn_act_from`
+    materialises it)."""
+    bn = _bn(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, process_group, backend,
+             stats)
     return dict(pre_weight=bn["weight"], pre_bias=bn["bias"], pre_mean=bn["mean"], pre_invstd=bn["invstd"],
                 pre_training=bn["training"])
 
@@ -203,13 +218,15 @@ def bn_act_conv2d(x: Tensor, running_mean, running_var, bn_weight=None, bn_bias=
                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                   weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
                   groups: int = 1, pre_act: str = "relu", residual: Optional[Tensor] = None,
-                  act: str = "identity", process_group=None, backend: Optional[str] = None) -> Tensor:
+                  act: str = "identity", process_group=None, stats: Optional[Stats] = None,
+                  with_stats: bool = False, backend: Optional[str] = None):
     """conv(pre_act(BN(x))) + residual with the BN-act applied as the conv loads its input; the
-    activated tensor is never stored (the backward recomputes it)."""
+    activated tensor is never stored (the backward recomputes it). `stats`: x's batch statistics,
+    if known; `with_stats`: also return the output's."""
     pre = bn_prologue(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
-                      process_group=process_group, backend=backend)
+                      process_group=process_group, stats=stats, backend=backend)
     return conv2d(x, weight, bias, stride, padding, dilation, groups, pre_act=pre_act, residual=residual,
-                  act=act, backend=backend, **pre)
+                  act=act, with_stats=with_stats, backend=backend, **pre)
 
 
 # ---- DAG connectivity ------------------------------------------------------------------------

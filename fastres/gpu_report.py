@@ -130,17 +130,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _conv_variants():
-    """(name, flags): the plain conv and the one with every fusion on (the most registers)."""
+    """(name, flags): the plain conv, the one with every fusion on (the most registers), and the
+    training one (BN-ReLU prologue, the output's batch statistics in the epilogue)."""
     from fastres.kernels.conv import ACTS, MAX_MIX
     plain = dict(HAS_ADDEND=False, HAS_PRE_SCALE=False, HAS_PRE_SHIFT=False, PRE_ACT=0,
                  HAS_BIAS=False, HAS_RESIDUAL=False, ACT=0)
     full = dict(HAS_ADDEND=True, HAS_PRE_SCALE=True, HAS_PRE_SHIFT=True, PRE_ACT=ACTS["silu"],
                 HAS_BIAS=True, HAS_RESIDUAL=True, ACT=ACTS["silu"])
+    train = dict(plain, HAS_PRE_SCALE=True, HAS_PRE_SHIFT=True, PRE_ACT=ACTS["relu"], STATS=True,
+                 stats_ptr=torch.empty(3 * 64, dtype=torch.float32))
     # fastres.ops.mix: the weighted sum of 3 (and of MAX_MIX, with the smaller chunks the launcher
     # then picks) slots of one buffer in the input load, with the only fusions that op has
     mix = dict(plain, HAS_BIAS=True, ACT=ACTS["silu"], mix_ptr=torch.empty(MAX_MIX, dtype=torch.float32),
                s_mix=2 * 64 * 16 * 16, NUM_MIX=3)
-    return [("plain", plain), ("all-fusions", full), ("mix", mix), (f"mix{MAX_MIX}", dict(mix, NUM_MIX=MAX_MIX))]
+    return [("plain", plain), ("all-fusions", full), ("train-stats", train), ("mix", mix),
+            (f"mix{MAX_MIX}", dict(mix, NUM_MIX=MAX_MIX))]
 
 
 def conv_rows(arch: int, dtypes=("bf16", "fp32"), variants: Optional[list] = None) -> list[Row]:
@@ -195,10 +199,12 @@ def bn_act_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
                     x, vec, 512, 64, 256, 16, 4, *x.stride(), BLOCK_P=bp, BLOCK_C=bc,
                     num_warps=K.NUM_WARPS, grid=(1,))
             rows.append(_row("batch_stats_partial", dname, conf, arch, k))
-    with offline_target(arch):
-        k = K.batch_stats_combine_kernel.warmup(vec, vec, vec, 64, 4, BLOCK_C=1024, num_warps=K.NUM_WARPS,
-                                                grid=(1,))
-    rows.append(_row("batch_stats_combine", "fp32", f"1024 w{K.NUM_WARPS}", arch, k))
+    for final in (True, False):
+        with offline_target(arch):
+            k = K.batch_stats_combine_kernel.warmup(vec, vec, vec, 64, 600, 25, BLOCK_C=1024, FINAL=final,
+                                                    num_warps=K.NUM_WARPS, grid=(1,))
+        rows.append(_row("batch_stats_combine", "fp32 " + ("final" if final else "slices"), f"1024 w{K.NUM_WARPS}",
+                         arch, k))
     return rows + bn_act_backward_rows(arch, dtypes)
 
 
@@ -266,7 +272,7 @@ def se_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
 def depthwise_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
     """The direct depthwise conv: every tile pick_config can return, plain and with every fusion."""
     from fastres.kernels import depthwise as K
-    variants = [(name, flags) for name, flags in _conv_variants() if name in ("plain", "all-fusions")]
+    variants = [(name, flags) for name, flags in _conv_variants() if name in ("plain", "all-fusions", "train-stats")]
     rows = []
     for dname in dtypes:
         dt = DTYPES[dname]

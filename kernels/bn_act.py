@@ -15,6 +15,8 @@ Batch statistics, two stages, fp32 throughout:
                                   (count, mean, M2): per tile an exact two-pass mean/M2 over the
                                   values held in registers, tiles merged with Chan's parallel update
     `batch_stats_combine_kernel`  merges the chunks' partials the same way; var = M2 / count
+                                  (in two levels for many chunks, e.g. a conv epilogue's per-tile
+                                  partials)
 Shifted sums never subtract two large sums, so a large mean does not cancel the variance away.
 
 Backward of bn_act, z = (x - mean) * invstd * weight + bias (+ residual), y = act(z), in fp32:
@@ -128,21 +130,32 @@ def batch_stats_partial_kernel(
 
 
 @triton.jit
-def batch_stats_combine_kernel(part_ptr, mean_ptr, var_ptr, C, CHUNKS, BLOCK_C: tl.constexpr):
-    """Merge the (3, CHUNKS, C) partials into mean (C,) and biased variance (C,), fp32.
-    Grid: (cdiv(C, BLOCK_C),)."""
+def batch_stats_combine_kernel(part_ptr, mean_ptr, var_ptr, C, CHUNKS, SPAN, BLOCK_C: tl.constexpr,
+                               FINAL: tl.constexpr = True):
+    """Merge the (3, CHUNKS, C) partials, in chunk order. FINAL: all of them into mean (C,) and
+    biased variance (C,) at mean_ptr / var_ptr, grid (cdiv(C, BLOCK_C),), SPAN >= CHUNKS. Else
+    program (i, s) merges chunks [s*SPAN, (s+1)*SPAN) into the (3, SLICES, C) partials at mean_ptr
+    (a first level for many chunks), grid (cdiv(C, BLOCK_C), SLICES); fp32 throughout."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    s = tl.program_id(1)
     cnt = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(CHUNKS):
+    for i in range(s * SPAN, tl.minimum(s * SPAN + SPAN, CHUNKS)):
         base = part_ptr + i * C + c
         cnt, mean, m2 = _merge(cnt, mean, m2, tl.load(base, mask=c_ok, other=0.0),
                                tl.load(base + CHUNKS * C, mask=c_ok, other=0.0),
                                tl.load(base + 2 * CHUNKS * C, mask=c_ok, other=0.0))
-    tl.store(mean_ptr + c, mean, mask=c_ok)
-    tl.store(var_ptr + c, m2 / tl.maximum(cnt, 1.0), mask=c_ok)
+    if FINAL:
+        tl.store(mean_ptr + c, mean, mask=c_ok)
+        tl.store(var_ptr + c, m2 / tl.maximum(cnt, 1.0), mask=c_ok)
+    else:
+        slices = tl.num_programs(1)
+        base = mean_ptr + s * C + c
+        tl.store(base, cnt, mask=c_ok)
+        tl.store(base + slices * C, mean, mask=c_ok)
+        tl.store(base + 2 * slices * C, m2, mask=c_ok)
 
 
 @triton.jit

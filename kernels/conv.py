@@ -27,6 +27,10 @@ Fused, each a `tl.constexpr` flag (every variant is its own specialised kernel):
     a = a + addend                  HAS_ADDEND (Res2Net's relu(bn(x_i)) + y_{i-1}), rounded again
   epilogue, on the fp32 accumulator:
     out = act(acc + bias[k] + residual)   HAS_BIAS, HAS_RESIDUAL, ACT; cast to out's dtype
+    per-channel (count, mean, M2) of the tile's rows of the stored (rounded) out, STATS: the
+                                    partial batch statistics of the BN that follows in training,
+                                    merged by kernels/bn_act.py's batch_stats_combine_kernel, so
+                                    that BN takes no pass of its own over the output
 
 Activations are coded as ints (ACTS below). Offsets into x, addend, residual and out are int64.
 """
@@ -68,6 +72,7 @@ def conv2d_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     mix_ptr=None, s_mix=0, NUM_MIX: tl.constexpr = 0, PACK_GROUPS: tl.constexpr = False,
+    stats_ptr=None, STATS: tl.constexpr = False,
 ):
     """out = act(conv2d(pre_act(x * pre_scale + pre_shift) + addend, w) + bias + residual).
 
@@ -87,6 +92,8 @@ def conv2d_kernel(
     mix_ptr     (NUM_MIX,)          fp32 weights of the NUM_MIX sum; x_ptr points at input 0, input
                                     i starts i * s_mix elements further, with x's strides (NUM_MIX
                                     is a count, unrolled: one specialisation per count)
+    stats_ptr   (3, cdiv(N*OH*OW, BLOCK_M), G*KG) fp32 partial statistics of the output (STATS):
+                                    count, mean, M2 of row tile program_id(0), per channel
     DOT_UPCAST                      feed tl.dot fp32 copies of the tiles: only for bf16 under
                                     TRITON_INTERPRET=1, whose dot multiplies bf16's raw bits;
                                     bf16 x bf16 products are exact in fp32, so numerics match
@@ -167,14 +174,17 @@ def conv2d_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
-                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT)
+                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, G * KG, STATS)
 
 
 @triton.jit
 def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
-                   son, soc, soh, sow, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr):
+                   son, soc, soh, sow, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
+                   stats_ptr, K, STATS: tl.constexpr):
     """out[n, k, oh, ow] = act(acc + bias[k] + residual[n, k, oh, ow]), cast to out's dtype: the
-    epilogue of every conv kernel. acc [BLOCK_M pixels, BLOCK_N channels] fp32; n int64."""
+    epilogue of every conv kernel. acc [BLOCK_M pixels, BLOCK_N channels] fp32; n int64. STATS:
+    also the (count, mean, M2) of this tile's rows of the stored out, per channel, into the
+    (3, num_programs(0), K) partials at stats_ptr (row tile program_id(0))."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = m_ok[:, None] & k_ok[None, :]
@@ -184,7 +194,19 @@ def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, sr
         acc += tl.load(res_ptr + (r_pix[:, None] + k64[None, :] * src), mask=out_ok, other=0.0).to(tl.float32)
     acc = apply_act(acc, ACT)
     o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
-    tl.store(out_ptr + (o_pix[:, None] + k64[None, :] * soc), acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (o_pix[:, None] + k64[None, :] * soc), out, mask=out_ok)
+    if STATS:   # of the values stored, as a separate pass over out would see them
+        rows = m_ok[:, None]
+        cnt = tl.sum(m_ok.to(tl.float32), axis=0)          # the tile's valid rows, >= 1
+        v = tl.where(rows, out.to(tl.float32), 0.0)
+        mean = tl.sum(v, axis=0) / cnt
+        d = tl.where(rows, v - mean[None, :], 0.0)
+        base = stats_ptr + tl.program_id(0).to(tl.int64) * K + k64
+        part = tl.num_programs(0).to(tl.int64) * K
+        tl.store(base, tl.zeros_like(mean) + cnt, mask=k_ok)
+        tl.store(base + part, mean, mask=k_ok)
+        tl.store(base + 2 * part, tl.sum(d * d, axis=0), mask=k_ok)
 
 
 # ---- configs ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Fused, each a `tl.constexpr` flag with the names and numerics of kernels/conv.py
     a = a + addend                  HAS_ADDEND, rounded again
   epilogue, on the fp32 accumulator:
     out = act(acc + bias[k] + residual)   HAS_BIAS, HAS_RESIDUAL, ACT; cast to out's dtype
+    the output's partial batch statistics STATS, as in kernels/conv.py
 
 Work per output element: R*S multiply-adds and R*S input loads (neighbouring taps hit cache),
 where the implicit-GEMM kernel, given 1-channel groups, pads each tap's reduction to a 16-wide
@@ -45,7 +46,7 @@ def depthwise_conv2d_kernel(
     R: tl.constexpr, S: tl.constexpr,
     HAS_ADDEND: tl.constexpr, HAS_PRE_SCALE: tl.constexpr, HAS_PRE_SHIFT: tl.constexpr,
     PRE_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, stats_ptr=None, STATS: tl.constexpr = False,
 ):
     """out = act(depthwise_conv2d(pre_act(x * pre_scale + pre_shift) + addend, w) + bias + residual).
 
@@ -58,6 +59,7 @@ def depthwise_conv2d_kernel(
     out_ptr     (N, K, OH, OW)      output, strides so*
     MULT                            channel multiplier: output channel k reads input channel k // MULT
     stride_*, pad_*, dil_*          the convolution's geometry; R, S the filter size
+    stats_ptr   (3, cdiv(N*OH*OW, BLOCK_M), K) fp32 partial statistics of the output (STATS)
     Pointers of absent optional inputs may be any tensor (never read).
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,7 +107,7 @@ def depthwise_conv2d_kernel(
         acc += a.to(tl.float32) * wt.to(tl.float32)[None, :]
 
     store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
-                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT)
+                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, K, STATS)
 
 
 # ---- configs ---------------------------------------------------------------------------------

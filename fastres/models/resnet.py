@@ -35,8 +35,8 @@ def stem(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, pool: nn.Module, backend: 
     if pool_kind(pool) is None or _hooked(pool):
         return pool(conv_bn(x, conv1, bn1, act="relu", backend=backend))
     if bn1.training:
-        c = conv(x, conv1, backend=backend)
-        return bn_act_pool(c, bn_prologue(c, bn1, backend=backend), pool, backend=backend)
+        c, stats = conv(x, conv1, with_stats=True, backend=backend)
+        return bn_act_pool(c, bn_prologue(c, bn1, stats=stats, backend=backend), pool, backend=backend)
     return bn_act_pool(conv_bn(x, conv1, bn1, act="relu", backend=backend), None, pool, backend=backend)
 
 

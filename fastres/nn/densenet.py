@@ -41,15 +41,18 @@ class DenseLayer(tv._DenseLayer):
             out = checkpoint(self._bottleneck, *features, use_reentrant=False)
         else:
             out = self._bottleneck(*features)
-        out = bn_conv(out, self.norm2, self.conv2, pre_act="relu", backend=self.backend)
+        out, stats = out if self.norm2.training else (out, None)
+        out = bn_conv(out, self.norm2, self.conv2, pre_act="relu", stats=stats, backend=self.backend)
         if self.drop_rate > 0:
             out = TF.dropout(out, p=self.drop_rate, training=self.training)
         return out
 
-    def _bottleneck(self, *features: Tensor) -> Tensor:
+    def _bottleneck(self, *features: Tensor):
+        """conv1(relu(norm1(cat(features)))), with its batch statistics when norm2 trains."""
         x = features[0] if len(features) == 1 else torch.cat(features, 1)
         check_input(self, x, self.conv1.in_channels)
-        return bn_conv(x, self.norm1, self.conv1, pre_act="relu", backend=self.backend)
+        return bn_conv(x, self.norm1, self.conv1, pre_act="relu", with_stats=self.norm2.training,
+                       backend=self.backend)
 
 
 class DenseBlock(tv._DenseBlock):

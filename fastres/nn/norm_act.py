@@ -81,15 +81,17 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, *, act: str = "relu",
 
 def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, *, pre_act: str = "relu",
             residual: Optional[Tensor] = None, post: Optional[nn.Module] = None, act: str = "identity",
-            backend: Optional[str] = None) -> Tensor:
+            stats: Optional[F.Stats] = None, with_stats: bool = False, backend: Optional[str] = None):
     """act(post(conv(pre_act(bn(x)))) + residual) through `F.bn_act_conv2d` (the pre-activation
     never stored), with an eval-mode BN `post` of the conv's output folded into its weight; in
-    eval inference without autograd with the conv's cached prepacked weight (`fastres.nn.inference`)."""
+    eval inference without autograd with the conv's cached prepacked weight (`fastres.nn.inference`).
+    `stats`: x's batch statistics, if known; `with_stats`: (out, out's batch statistics)."""
     args, group = bn_args(bn)
     post_args = bn_args(post)[0] if post is not None else None
     if post_args is not None and post_args[4]:
         raise ValueError("fastres: a BN folded into a conv's output must be in eval mode")
-    if not args[4] and _inference.usable(x, conv, bn, residual, *((post.weight, post.bias) if post else ())):
+    if not (args[4] or with_stats) and _inference.usable(x, conv, bn, residual,
+                                                         *((post.weight, post.bias) if post else ())):
         y = _inference.bn_conv(x, bn, conv, args, pre_act=pre_act, residual=residual, post_args=post_args,
                                act=act, backend=backend)
         if y is not None:
@@ -100,13 +102,15 @@ def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, *, pre_act: str = "relu",
         mean, invstd = F.bn_stats(weight, running_mean, running_var, False, momentum, eps)
         weight, bias = F.fold_bn(weight, bias, bn_weight, bn_bias, mean, invstd)
     return F.bn_act_conv2d(x, *args, weight=weight, bias=bias, pre_act=pre_act, residual=residual, act=act,
-                           process_group=group, backend=backend, **_conv_kw(conv))
+                           process_group=group, stats=stats, with_stats=with_stats, backend=backend,
+                           **_conv_kw(conv))
 
 
-def bn_prologue(x: Tensor, bn: nn.Module, *, backend: Optional[str] = None) -> dict:
-    """`F.bn_prologue` with the arguments of `bn` (its statistics of `x` taken once)."""
+def bn_prologue(x: Tensor, bn: nn.Module, *, stats: Optional[F.Stats] = None,
+                backend: Optional[str] = None) -> dict:
+    """`F.bn_prologue` with the arguments of `bn` (its statistics of `x` taken once, or `stats`)."""
     args, group = bn_args(bn)
-    return F.bn_prologue(x, *args, process_group=group, backend=backend)
+    return F.bn_prologue(x, *args, process_group=group, stats=stats, backend=backend)
 
 
 def pool_kind(m: Optional[nn.Module]) -> Optional[str]:
@@ -127,26 +131,29 @@ def bn_act_pool(x: Tensor, pre: Optional[dict], pool: nn.Module, *, backend: Opt
 
 
 def norm_act(x: Tensor, bn: nn.Module, *, act: str = "relu", residual: Optional[Tensor] = None,
-             backend: Optional[str] = None) -> Tensor:
-    """act(bn(x) + residual) through `F.bn_act`."""
+             stats: Optional[F.Stats] = None, backend: Optional[str] = None) -> Tensor:
+    """act(bn(x) + residual) through `F.bn_act` (`stats`: x's batch statistics, if known)."""
     args, group = bn_args(bn)
-    return F.bn_act(x, *args, act=act, residual=residual, process_group=group, backend=backend)
+    return F.bn_act(x, *args, act=act, residual=residual, process_group=group, stats=stats, backend=backend)
 
 
 def conv(x: Tensor, conv: nn.Conv2d, *, act: str = "identity", residual: Optional[Tensor] = None,
          pre: Optional[dict] = None, addend: Optional[Tensor] = None, weight: Optional[Tensor] = None,
-         bias: bool = True, backend: Optional[str] = None) -> Tensor:
+         bias: bool = True, with_stats: bool = False, backend: Optional[str] = None):
     """act(conv(relu(BN(x)) + addend) + bias + residual) through `F.conv2d`, the BN-ReLU applied as
     the conv loads x when `pre` (a `bn_prologue` of x) is given; `weight` (a slice of conv.weight)
     and `bias=False` let a conv run as a sum of convs over slices of its input channels. In eval
-    inference without autograd a plain conv runs from its cached (prepacked) weight."""
-    if pre is None and weight is None and bias and _inference.usable(x, conv, None, residual, addend):
+    inference without autograd a plain conv runs from its cached (prepacked) weight.
+    `with_stats`: (out, out's batch statistics), for the training BN that follows."""
+    if pre is None and weight is None and bias and not with_stats and _inference.usable(x, conv, None, residual,
+                                                                                        addend):
         y = _inference.conv_bn(x, conv, None, None, act=act, residual=residual, addend=addend, backend=backend)
         if y is not None:
             return y
     prologue = dict(pre, pre_act="relu") if pre else {}
     return F.conv2d(x, conv.weight if weight is None else weight, conv.bias if bias else None, act=act,
-                    residual=residual, addend=addend, backend=backend, **prologue, **_conv_kw(conv))
+                    residual=residual, addend=addend, with_stats=with_stats, backend=backend, **prologue,
+                    **_conv_kw(conv))
 
 
 def shortcut(downsample: Optional[nn.Module], x: Tensor, backend: Optional[str] = None) -> Tensor:

@@ -81,13 +81,19 @@ def preact_forward(x: Tensor, norms: Sequence[nn.Module], convs: Sequence[nn.Con
         for conv_i, norm_next in zip(convs[1:-1], norms[2:]):
             out = conv_bn(out, conv_i, norm_next, act="relu", backend=backend)
         return conv(out, convs[-1], residual=sc, backend=backend)
-    out = conv(xa, convs[0], backend=backend) if xa is not None else bn_conv(x, norms[0], convs[0], pre_act="relu",
-                                                                              backend=backend)
+    drop = dropout > 0.0 and training   # the statistics of a conv's output no longer fit after dropout
+    if xa is not None:
+        out, stats = conv(xa, convs[0], with_stats=True, backend=backend)
+    else:
+        out, stats = bn_conv(x, norms[0], convs[0], pre_act="relu", with_stats=True, backend=backend)
     for i in range(1, len(convs)):
-        if dropout > 0.0 and training:
-            out = TF.dropout(out, dropout, training=True)
-        out = bn_conv(out, norms[i], convs[i], pre_act="relu", backend=backend,
-                      residual=sc if i == len(convs) - 1 else None)
+        if drop:
+            out, stats = TF.dropout(out, dropout, training=True), None
+        last = i == len(convs) - 1
+        out = bn_conv(out, norms[i], convs[i], pre_act="relu", stats=stats, with_stats=not last, backend=backend,
+                      residual=sc if last else None)
+        if not last:
+            out, stats = out
     return out
 
 
@@ -147,7 +153,9 @@ class _PreActBlock(nn.Module):
             out = conv_bn(out, c, n, act="relu", backend=b)
         c, n = convs[-1], bns[-1]
         if unit.tail == "add_bn_relu":
-            return norm_act(conv(out, c, residual=sc, backend=b), n, act="relu", backend=b)
+            y, stats = conv(out, c, residual=sc, with_stats=True, backend=b) if n.training else (
+                conv(out, c, residual=sc, backend=b), None)
+            return norm_act(y, n, act="relu", stats=stats, backend=b)
         if unit.tail == "bn_relu_add":
             return conv_bn(out, c, n, act="relu", backend=b) + sc
         return conv_bn(out, c, n, act="relu" if unit.tail == "bn_add_relu" else "identity",

@@ -83,16 +83,17 @@ class Bottle2neck(nn.Module):
         read it load their input (split i reads relu(bn1(conv1(x)))_i in its prologue, plus
         y_{i-1} as the addend); conv3 runs as a sum of 1x1 convs over the splits, each loading
         relu(bn_i(c_i)) from its split's conv output, so the concatenation never exists. Only
-        the y_{i-1} addends (and the first block's pooled split) are materialised."""
+        the y_{i-1} addends (and the first block's pooled split) are materialised. Each conv hands
+        its output's batch statistics to the BN after it."""
         b, w = self.backend, self.width
-        c1 = conv(x, self.conv1, backend=b)
-        p1 = bn_prologue(c1, self.bn1, backend=b)
+        c1, stats = conv(x, self.conv1, with_stats=True, backend=b)
+        p1 = bn_prologue(c1, self.bn1, stats=stats, backend=b)
         parts: list[tuple[Tensor, Optional[dict]]] = []  # conv3's input per split: (tensor, BN-ReLU or None)
         y = None
         for i, (conv_i, bn_i) in enumerate(zip(self.convs, self.bns)):
             split = slice(i * w, (i + 1) * w)
-            c = conv(c1[:, split], conv_i, pre=F.channels(p1, split), addend=y, backend=b)
-            p = bn_prologue(c, bn_i, backend=b)
+            c, stats = conv(c1[:, split], conv_i, pre=F.channels(p1, split), addend=y, with_stats=True, backend=b)
+            p = bn_prologue(c, bn_i, stats=stats, backend=b)
             parts.append((c, p))
             if not self.is_first and i + 1 < len(self.convs):
                 y = F.bn_act_from(c, p, backend=b)
@@ -105,10 +106,11 @@ class Bottle2neck(nn.Module):
             else:
                 parts.append((self.pool(F.bn_act_from(c1[:, last], F.channels(p1, last), backend=b)), None))
         out = None
-        for j, (t, p) in enumerate(parts):
+        for j, (t, p) in enumerate(parts):   # the last one's statistics are those of the whole sum
             out = conv(t, self.conv3, pre=p, weight=self.conv3.weight[:, j * w:(j + 1) * w], bias=j == 0,
-                       residual=out, backend=b)
-        return bn_residual_relu(self, out, self.bn3, identity)
+                       residual=out, with_stats=j == len(parts) - 1, backend=b)
+        out, stats = out
+        return bn_residual_relu(self, out, self.bn3, identity, stats)
 
 
 @rule("timm.models.res2net.Bottle2neck")

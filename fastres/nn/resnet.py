@@ -44,16 +44,17 @@ def residual_branch(block: nn.Module, x: Tensor, layers: list[tuple[nn.Conv2d, n
 
     Eval (and frozen BN): each conv runs with its BN folded in and the ReLU in its epilogue.
     Training: each inner BN-ReLU is applied as the NEXT conv loads its input, so its output is
-    never stored; autograd keeps the conv outputs only and the backward recomputes the ReLU.
+    never stored; autograd keeps the conv outputs only and the backward recomputes the ReLU. Each
+    conv hands its output's batch statistics to the BN after it (from its epilogue on Triton).
     The SE gate (an `se` submodule, as timm's SE-ResNet; looked up in _modules because a class
     attribute would shadow it) runs in the same pass as the residual add and ReLU."""
     b = block.backend
     *inner, (conv_n, bn_n) = layers
     if layers[0][1].training:
-        y = conv(x, inner[0][0] if inner else conv_n, backend=b)
+        y, stats = conv(x, inner[0][0] if inner else conv_n, with_stats=True, backend=b)
         for (_, bn_prev), (conv_next, _) in zip(inner, inner[1:] + [(conv_n, bn_n)]):
-            y = bn_conv(y, bn_prev, conv_next, pre_act="relu", backend=b)
-        return bn_residual_relu(block, y, bn_n, identity)
+            y, stats = bn_conv(y, bn_prev, conv_next, pre_act="relu", stats=stats, with_stats=True, backend=b)
+        return bn_residual_relu(block, y, bn_n, identity, stats)
     for conv_i, bn_i in inner:
         x = conv_bn(x, conv_i, bn_i, act="relu", backend=b)
     se = block._modules.get("se")
@@ -63,14 +64,14 @@ def residual_branch(block: nn.Module, x: Tensor, layers: list[tuple[nn.Conv2d, n
     return F.se_gate_act(y, se.gate_logits(y), residual=identity, act="relu", backend=b)
 
 
-def bn_residual_relu(block: nn.Module, y: Tensor, bn: nn.Module, identity: Tensor) -> Tensor:
-    """relu(SE(bn(y)) + identity), training: one pass over the last conv's output y, or two
-    with the block's SE gate."""
+def bn_residual_relu(block: nn.Module, y: Tensor, bn: nn.Module, identity: Tensor, stats: F.Stats) -> Tensor:
+    """relu(SE(bn(y)) + identity), training: one pass over the last conv's output y (`stats` its
+    batch statistics), or two with the block's SE gate."""
     b = block.backend
     se = block._modules.get("se")
     if se is None:
-        return norm_act(y, bn, act="relu", residual=identity, backend=b)
-    y = norm_act(y, bn, act="identity", backend=b)
+        return norm_act(y, bn, act="relu", residual=identity, stats=stats, backend=b)
+    y = norm_act(y, bn, act="identity", stats=stats, backend=b)
     return F.se_gate_act(y, se.gate_logits(y), residual=identity, act="relu", backend=b)
 
 

@@ -233,14 +233,35 @@ def batch_stats_triton(x):
     tiles = triton.cdiv(triton.cdiv(p, bp), max(1, STATS_CHUNKS // c_blocks))
     chunks = triton.cdiv(p, tiles * bp)
     part = torch.empty((3, chunks, c), dtype=torch.float32, device=x.device)
-    mean = torch.empty(c, dtype=torch.float32, device=x.device)
-    var = torch.empty_like(mean)
-    cb = min(triton.next_power_of_2(c), 1024)
     with triton_device(x):
         K.batch_stats_partial_kernel[(chunks, c_blocks)](
             x, part, p, c, h * w, w, tiles, *x.stride(), BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
-        K.batch_stats_combine_kernel[(triton.cdiv(c, cb),)](part, mean, var, c, chunks, BLOCK_C=cb,
-                                                           num_warps=K.NUM_WARPS)
+        return combine_stats(part)
+
+
+def combine_stats(part: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased variance) from (3, CHUNKS, C) fp32 partials (count, mean, M2), merged in a
+    fixed order: in one program per channel block for up to STATS_CHUNKS chunks, else first in
+    about sqrt(CHUNKS) slices side by side (a conv epilogue leaves one chunk per row tile).
+    Call inside `triton_device`."""
+    import math
+
+    import triton
+
+    from fastres.kernels import bn_act as K
+    chunks, c = part.shape[1:]
+    mean = torch.empty(c, dtype=torch.float32, device=part.device)
+    var = torch.empty_like(mean)
+    cb = min(triton.next_power_of_2(c), 1024)
+    if chunks > STATS_CHUNKS:
+        span = math.isqrt(chunks - 1) + 1
+        slices = triton.cdiv(chunks, span)
+        merged = torch.empty((3, slices, c), dtype=torch.float32, device=part.device)
+        K.batch_stats_combine_kernel[(triton.cdiv(c, cb), slices)](part, merged, merged, c, chunks, span,
+                                                                  BLOCK_C=cb, FINAL=False, num_warps=K.NUM_WARPS)
+        part, chunks = merged, slices
+    K.batch_stats_combine_kernel[(triton.cdiv(c, cb),)](part, mean, var, c, chunks, chunks, BLOCK_C=cb,
+                                                       num_warps=K.NUM_WARPS)
     return mean, var
 def _bn_backward_supports(grad, x, weight, bias, mean, invstd, residual, out, act, training, mask):
     why = triton_supports(x, grad, weight, bias, mean, invstd, residual, out, same_shape=residual)

@@ -61,8 +61,8 @@ def _memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
 
 
 @conv2d.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean, pre_invstd,
-      pre_act, pre_training, addend, residual, act, backend):
+def _conv2d_fake(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
+                 pre_invstd, pre_act, pre_training, addend, residual, act, backend):
     return x.new_empty(out_shape(x, weight, stride, padding, dilation)).contiguous(
         memory_format=_memory_format(x, weight))
 
@@ -138,6 +138,52 @@ def _backward_ops(grad, out, x, weight, bias, stride, padding, dilation, groups,
 conv2d.register_autograd(_backward, setup_context=_setup)
 
 B.register("conv2d", "reference")(ref.conv2d)
+
+
+# ---- conv2d with its output's batch statistics --------------------------------------------------
+@torch.library.custom_op("fastres::conv2d_stats", mutates_args=())
+def conv2d_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int,
+                 pre_weight: Optional[Tensor], pre_bias: Optional[Tensor], pre_mean: Optional[Tensor],
+                 pre_invstd: Optional[Tensor], pre_act: str, pre_training: bool,
+                 addend: Optional[Tensor], residual: Optional[Tensor], act: str,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """`conv2d`, and the per-channel (mean, biased variance) of its output (fp32 for half types) for
+    the BN that follows it in training, as `batch_stats` of the output gives them. On Triton they
+    come from the conv kernel's epilogue, so that BN takes no pass of its own over the output. The
+    statistics carry no gradient: BN's training backward (bn_act, the conv prologue) includes theirs."""
+    check_act(pre_act)
+    check_act(act)
+    check_bn("conv2d_stats", x, pre_mean, pre_invstd, pre_training)
+    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, pre_weight,
+            pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
+    return B.choose("conv2d_stats", backend, x.device, args)(*args)
+
+
+@conv2d_stats.register_fake
+def _(x, weight, *args):
+    out = _conv2d_fake(x, weight, *args)
+    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return out, x.new_empty(weight.shape[0], dtype=dt), x.new_empty(weight.shape[0], dtype=dt)
+
+
+def _stats_setup(ctx, inputs, output):
+    _setup(ctx, inputs, output[0])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+conv2d_stats.register_autograd(lambda ctx, grad, gmean, gvar: _backward(ctx, grad), setup_context=_stats_setup)
+
+
+def _composed_stats(backend: str):
+    """conv2d_stats on `backend` as its conv2d, then its batch_stats of the output."""
+    def run(*args):
+        out = B._TABLES["conv2d"][backend].fn(*args)
+        return (out, *B._TABLES["batch_stats"][backend].fn(out))
+    return run
+
+
+B.register("conv2d_stats", "reference")(_composed_stats("reference"))
 
 
 # ==== native CPU implementation: oneDNN convolution with fused epilogue ========================
@@ -227,11 +273,19 @@ def _conv2d_native_supports(x, weight, bias, stride, padding, dilation, groups, 
     return why
 
 
+def _conv2d_stats_native_supports(*args):
+    return _conv2d_native_supports(*args) or (
+        f"the statistics need the native batch_stats kernel: {B.NATIVE_MISSING}" if B.NATIVE_MISSING else None)
+
+
 @B.register("conv2d", "native", supports=_conv2d_native_supports, kernel=False)
 def _conv2d_native(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
                    pre_invstd, pre_act, pre_training, addend, residual, act):
     a = materialise_prologue(x, addend, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act)
     return conv2d_onednn(a, weight, bias, stride, padding, dilation, groups, residual, act)
+
+
+B.register("conv2d_stats", "native", supports=_conv2d_stats_native_supports, kernel=False)(_composed_stats("native"))
 # ==== end of the native CPU implementation ====================================================
 
 
@@ -266,20 +320,22 @@ def _dot_precision(x: Tensor) -> str:
 
 @B.register("conv2d", "triton", supports=_triton_conv2d_supports)
 def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
-                  pre_invstd, pre_act, pre_training, addend, residual, act, *, config=None, mix=None):
+                  pre_invstd, pre_act, pre_training, addend, residual, act, *, config=None, mix=None,
+                  stats=False):
     """One fused implicit-GEMM kernel; `config` (a kernels.conv.Config) overrides the heuristic.
     Depthwise convs (groups == C) run the direct kernel instead unless a `config` is given.
-    `mix`: the kernel's NUM_MIX arguments (fastres.ops.mix), x then being input 0 of the sum."""
+    `mix`: the kernel's NUM_MIX arguments (fastres.ops.mix), x then being input 0 of the sum.
+    `stats`: return (out, mean, var), the output's batch statistics from the kernel's epilogue."""
     import os
 
     import triton
 
     from fastres.kernels import conv as K
     from fastres.kernels import depthwise as D
-    from fastres.ops.bn_act import triton_device
+    from fastres.ops.bn_act import combine_stats, triton_device
     if mix is None and config is None and D.unsupported(x.shape[1], weight.shape[0], groups) is None:
         return conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weight, pre_bias,
-                                       pre_mean, pre_invstd, pre_act, addend, residual, act)
+                                       pre_mean, pre_invstd, pre_act, addend, residual, act, stats=stats)
     scale, shift = ref.scale_shift(pre_weight, pre_bias, pre_mean, pre_invstd, x)
     shape = out_shape(x, weight, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x, weight))
@@ -290,6 +346,7 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
     gpt = K.groups_per_tile(cg, kg, groups, x.element_size()) if cfg.PACK_GROUPS else 1
     grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(gpt * kg, cfg.BLOCK_N),
             triton.cdiv(groups, gpt))
+    part = torch.empty((3, grid[0], k), dtype=torch.float32, device=x.device) if stats else None
     zero4 = (0, 0, 0, 0)
     with triton_device(x):
         K.conv2d_kernel[grid](
@@ -305,19 +362,24 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
             HAS_RESIDUAL=residual is not None, ACT=K.ACTS[act], DOT_PRECISION=_dot_precision(x),
             DOT_UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, PACK_GROUPS=cfg.PACK_GROUPS,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(mix or {}))
-    return out
+            stats_ptr=part, STATS=stats, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(mix or {}))
+        return (out, *combine_stats(part)) if stats else out
+
+
+@B.register("conv2d_stats", "triton", supports=_triton_conv2d_supports)
+def _conv2d_stats_triton(*args):
+    return conv2d_triton(*args, stats=True)
 
 
 def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weight, pre_bias, pre_mean,
-                            pre_invstd, pre_act, addend, residual, act, *, config=None):
+                            pre_invstd, pre_act, addend, residual, act, *, config=None, stats=False):
     """A depthwise conv (groups == C, K = m*C) in one direct kernel with the same fusions;
-    `config` (a kernels.depthwise.Config) overrides the heuristic."""
+    `config` (a kernels.depthwise.Config) overrides the heuristic; `stats` as for conv2d_triton."""
     import triton
 
     from fastres.kernels import depthwise as D
     from fastres.kernels.conv import ACTS
-    from fastres.ops.bn_act import triton_device
+    from fastres.ops.bn_act import combine_stats, triton_device
     scale, shift = ref.scale_shift(pre_weight, pre_bias, pre_mean, pre_invstd, x)
     shape = out_shape(x, weight, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x, weight))
@@ -325,6 +387,7 @@ def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weig
     k, _, r, s = weight.shape
     cfg = config or D.pick_config(k, x.stride(1) == 1 and c > 1, x.element_size())
     grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(k, cfg.BLOCK_C))
+    part = torch.empty((3, grid[0], k), dtype=torch.float32, device=x.device) if stats else None
     zero4 = (0, 0, 0, 0)
     with triton_device(x):
         D.depthwise_conv2d_kernel[grid](
@@ -339,6 +402,6 @@ def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weig
             R=r, S=s, HAS_ADDEND=addend is not None, HAS_PRE_SCALE=scale is not None,
             HAS_PRE_SHIFT=shift is not None, PRE_ACT=ACTS[pre_act], HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, ACT=ACTS[act],
-            BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, num_warps=cfg.num_warps)
-    return out
+            BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, stats_ptr=part, STATS=stats, num_warps=cfg.num_warps)
+        return (out, *combine_stats(part)) if stats else out
 # ==== end of the triton implementation ========================================================

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-import fastres  # noqa: F401
+import fastres
 from fastres.ops import ACTS
 from tests.utils import assert_close
 
@@ -147,6 +147,31 @@ def test_conv2d(case, fusion):
     assert_close(f(*tensors), _conv_ref(*args), name="forward")
     assert torch.autograd.gradcheck(f, tensors, fast_mode=True)  # random projections: full Jacobians take ~30 s here
     opcheck(ops.conv2d.default, args + ("reference",))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv2d_stats(case, backend):
+    """conv2d's output and gradients, plus the output's batch statistics (no gradient of their own)."""
+    if backend == "native" and fastres.backend.NATIVE_MISSING:
+        pytest.skip(fastres.backend.NATIVE_MISSING)
+    C, K, H, W, k, s, p, d, g = case
+    x = torch.randn(2, C, H, W).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(K, C // g, k, k).requires_grad_()
+    args = (x, w, torch.randn(K), [s, s], [p, p], [d, d], g, torch.rand(C) + 0.5, torch.randn(C), None, None,
+            "relu", False, None, None, "relu")
+    y, mean, var = ops.conv2d_stats(*args, backend)
+    want = ops.conv2d(*args, backend)
+    assert_close(y, want, name="output")
+    v, m = torch.var_mean(want.detach().double(), (0, 2, 3), correction=0)
+    assert_close(mean, m, dtype=torch.float32, reduced=want[:, 0].numel(), name="mean")
+    assert_close(var, v, dtype=torch.float32, reduced=want[:, 0].numel(), name="var")
+    assert y.requires_grad and not mean.requires_grad and not var.requires_grad
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w), gy)
+    for got, exp in zip(grads, torch.autograd.grad(want, (x, w), gy)):
+        assert_close(got, exp, reduced=2 * H * W, name="grad")
+    opcheck(ops.conv2d_stats.default, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) + (backend,))
 
 
 @pytest.mark.parametrize("act", ["relu6", "silu"])

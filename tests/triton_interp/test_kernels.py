@@ -233,6 +233,43 @@ def test_conv2d_opcheck():
     opcheck(ops.conv2d.default, (*args, "triton"))
 
 
+# ---- conv2d_stats: the output's batch statistics from the epilogue -------------------------------
+def _check_stats_of(y, mean, var):
+    assert mean.dtype == var.dtype == torch.float32
+    v64, m64 = torch.var_mean(y.double(), (0, 2, 3), correction=0)
+    count = y.numel() // y.shape[1]
+    assert_close(mean, m64, dtype=torch.float32, reduced=count, name="mean")
+    assert_close(var, v64, dtype=torch.float32, reduced=count, name="var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("geom", ["odd15", "stride2", "groups32x4", "groups15_s2", "1x1spatial", "depthwise"])
+def test_conv2d_stats(geom, dtype):
+    """The statistics of the stored (rounded) output, every fusion on; the output itself is conv2d's."""
+    g = GEOMETRIES.get(geom) or (2, 16, 9, 9, 32, (3, 3), (1, 1), (1, 1), (1, 1), 16)   # depthwise, x2
+    args = conv_args(g, dtype, **ALL)
+    y, mean, var = _ran_on_triton(lambda: ops.conv2d_stats(*args, "triton"))
+    torch.testing.assert_close(y, ops.conv2d(*args, "triton"), rtol=0, atol=0)
+    _check_stats_of(y, mean, var)
+
+
+@pytest.mark.parametrize("chunks", [2, 512], ids=lambda c: f"max{c}")
+def test_conv2d_stats_large_mean_and_many_tiles(monkeypatch, chunks):
+    """mean 1e4, std ~1 over 25 row tiles, merged in one level or (STATS_CHUNKS=2) two: per-tile
+    (count, mean, M2) never subtracts two large sums."""
+    monkeypatch.setattr(bn_act_ops, "STATS_CHUNKS", chunks)
+    args = list(conv_args((4, 8, 20, 20, 8, (1, 1), (1, 1), (0, 0), (1, 1), 1), torch.float32, bias=True))
+    args[2] = torch.full((8,), 1e4) + torch.arange(8.0)
+    y, mean, var = ops.conv2d_stats(*args, "triton")
+    _check_stats_of(y, mean, var)
+    assert (var - y.double().var((0, 2, 3), correction=0)).abs().max() < 1e-3
+
+
+def test_conv2d_stats_opcheck():
+    args = conv_args((1, 5, 4, 4, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1), torch.float32, **ALL)
+    opcheck(ops.conv2d_stats.default, (*args, "triton"))
+
+
 def test_conv2d_float64_falls_back_with_reason():
     args = conv_args(SMALL, torch.float64)
     B._warned.clear()

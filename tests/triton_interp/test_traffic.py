@@ -107,10 +107,13 @@ def test_fused_inference_below_goal(small_rows, family):
 
 @pytest.mark.parametrize("family", list(SMALL))
 def test_fused_training_forward_below_eager(small_rows, family):
-    """The training forward runs fused (Triton); the whole training ratio is reported, not asserted:
-    the backward runs on the reference (fp32 intermediates) and exceeds eager's."""
+    """The training forward runs fused (Triton), below eager's bytes; the whole training ratio is
+    reported, not asserted (the backward runs ATen's convolution_backward between the fused ops)."""
     r = small_rows[family]["training"]
-    assert r.kernels.get("conv2d_kernel") and r.kernels.get("batch_stats_partial_kernel"), r.kernels
+    assert r.kernels.get("conv2d_kernel") and r.kernels.get("batch_stats_combine_kernel"), r.kernels
+    # every BN after a conv takes its statistics from the conv's epilogue; only the pre-activation
+    # block's first BN, of the block's input, reads its tensor for them
+    assert r.kernels.get("batch_stats_partial_kernel", 0) == {"Bottleneck": 0, "PreActBottleneck": 1}[family], r.kernels
     assert not r.fallbacks, r.fallbacks
     fused_forward = r.fused_img - r.fused_backward_img
     eager_forward = r.eager_img - r.eager_backward_img
