@@ -1,0 +1,136 @@
+"""Op families at ResNet-50 stage shapes: the eager composition vs torch.compile of it vs each
+fastres backend's fused op. `infer` times the forward, `train` forward + backward of the sum.
+extra_info also carries `bytes_moved`: the inputs + outputs of every aten op the step dispatches
+(fastres.traffic's counter; a fused native kernel counts as the one op it is, the eager
+composition as its chain of ops), so the memory passes a fusion saves sit beside its time."""
+import time
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+from bench.conftest import run
+from fastres import functional as F
+from fastres.benchmark import Case, group_name, providers
+
+CL = torch.channels_last
+
+
+def _bn_vectors(c: int) -> list[torch.Tensor]:
+    return [torch.randn(c), torch.rand(c) + 0.5, torch.rand(c) + 0.5, torch.randn(c)]   # mean, var, weight, bias
+
+
+def _bn_act_add(shape):
+    """eval BN + residual add + ReLU: the end of a v1 block."""
+    x, r = torch.randn(shape).to(memory_format=CL), torch.randn(shape).to(memory_format=CL)
+    mean, var, w, b = _bn_vectors(shape[1])
+    eager = lambda x, r: torch.relu(TF.batch_norm(x, mean, var, w, b, False) + r)
+    fused = lambda x, r, backend: F.bn_act(x, mean, var, w, b, False, residual=r, backend=backend)
+    return (x, r), eager, fused
+
+
+def _batch_stats(shape):
+    """training BN's batch statistics (mean, biased variance)."""
+    x = torch.randn(shape).to(memory_format=CL)
+    eager = lambda x: torch.var_mean(x, (0, 2, 3), correction=0)
+    fused = lambda x, backend: torch.ops.fastres.batch_stats(x, backend)
+    return (x,), eager, fused
+
+
+def _conv_bn_add_relu(shape):
+    """1x1 conv, eval BN folded, residual add, ReLU: the last conv of a bottleneck."""
+    c = shape[1]
+    x, r = torch.randn(shape).to(memory_format=CL), torch.randn(shape[0], 4 * c, *shape[2:]).to(memory_format=CL)
+    wt = (torch.randn(4 * c, c, 1, 1) * c ** -0.5).to(memory_format=CL)
+    mean, var, w, b = _bn_vectors(4 * c)
+    eager = lambda x, r: torch.relu(TF.batch_norm(TF.conv2d(x, wt), mean, var, w, b, False) + r)
+    fused = lambda x, r, backend: F.conv2d_bn_add_act(x, wt, None, mean, var, w, b, False, 0.1, 1e-5, r,
+                                                      backend=backend)
+    return (x, r), eager, fused
+
+
+def _bn_relu_conv(shape):
+    """eval BN-ReLU pre-activation + 3x3 conv: a pre-activation unit's inner conv."""
+    c = shape[1]
+    x = torch.randn(shape).to(memory_format=CL)
+    wt = (torch.randn(c, c, 3, 3) * (9 * c) ** -0.5).to(memory_format=CL)
+    mean, var, w, b = _bn_vectors(c)
+    eager = lambda x: TF.conv2d(torch.relu(TF.batch_norm(x, mean, var, w, b, False)), wt, padding=1)
+    fused = lambda x, backend: F.bn_act_conv2d(x, mean, var, w, b, False, weight=wt, padding=1, backend=backend)
+    return (x,), eager, fused
+
+
+def _se_gate_add_relu(shape):
+    """squeeze-excitation gate, residual add, ReLU: the end of an SE-ResNet block."""
+    x, r = torch.randn(shape).to(memory_format=CL), torch.randn(shape).to(memory_format=CL)
+    gate = torch.randn(shape[0], shape[1])
+    eager = lambda x, r: torch.relu(x * torch.sigmoid(gate)[:, :, None, None] + r)
+    fused = lambda x, r, backend: F.se_gate_act(x, gate, residual=r, act="relu", backend=backend)
+    return (x, r), eager, fused
+
+
+# name: (build, input shape, modes)
+SUBJECTS = {
+    "bn_add_relu": (_bn_act_add, (8, 256, 56, 56), ("infer", "train")),
+    "batch_stats": (_batch_stats, (8, 256, 56, 56), ("infer",)),
+    "conv1x1_bn_add_relu": (_conv_bn_add_relu, (8, 64, 56, 56), ("infer", "train")),
+    "bn_relu_conv3x3": (_bn_relu_conv, (8, 64, 56, 56), ("infer", "train")),
+    "se_gate_add_relu": (_se_gate_add_relu, (8, 256, 56, 56), ("infer", "train")),
+}
+CASES = [(s, m) for s, (_, _, modes) in SUBJECTS.items() for m in modes]
+
+
+def _step(fn: Callable, inputs: tuple, train: bool) -> Callable:
+    if not train:
+        def infer():
+            with torch.no_grad():
+                return fn(*inputs)
+        return infer
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def fwd_bwd():
+        out = fn(*leaves)
+        (out if isinstance(out, torch.Tensor) else out[0]).sum().backward()
+        for t in leaves:
+            t.grad = None
+    return fwd_bwd
+
+
+def _case(provider: str, eager: Callable, fused: Callable, inputs: tuple, train: bool) -> Case:
+    t0 = time.perf_counter()
+    if provider == "eager":
+        fn = eager
+    elif provider == "compile":
+        fn = torch.compile(eager)
+    else:
+        backend = provider.split("-", 1)[1]
+        fn = lambda *xs: fused(*xs, backend=backend)
+    step = _step(fn, inputs, train)
+    step()
+    return Case(provider, step, time.perf_counter() - t0, None)
+
+
+def _bytes_moved(step: Callable) -> int:
+    from fastres.traffic import Counter, _AtenMode
+    counter = Counter()
+    with _AtenMode(counter):
+        step()
+    return counter.aten_bytes
+
+
+@pytest.mark.parametrize("subject, mode", CASES, ids=[f"{s}-{m}" for s, m in CASES])
+@pytest.mark.parametrize("provider", [p for p in providers() if p != "eager_cl"])
+def test_op(benchmark, quick, baselines, subject, mode, provider):
+    build, shape, _ = SUBJECTS[subject]
+    if quick and provider == "compile":
+        pytest.skip("quick mode compiles only in test_models.py (C++ codegen costs seconds per graph)")
+    if quick:
+        shape = (1, shape[1], 8, 8)
+    torch.manual_seed(0)
+    inputs, eager, fused = build(shape)
+    benchmark.group = group_name(subject, shape, torch.float32, mode)
+    case = _case(provider, eager, fused, inputs, mode == "train")
+    if provider != "compile":   # inductor's generated kernels bypass the dispatcher
+        benchmark.extra_info["bytes_moved"] = _bytes_moved(case.step)
+    run(benchmark, case, quick=quick, batch=shape[0], baselines=baselines)
