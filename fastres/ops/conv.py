@@ -32,12 +32,19 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
            pre_weight: Optional[Tensor], pre_bias: Optional[Tensor], pre_mean: Optional[Tensor],
            pre_invstd: Optional[Tensor], pre_act: str, pre_training: bool,
            addend: Optional[Tensor], residual: Optional[Tensor], act: str, backend: str) -> Tensor:
+    return _dispatch("conv2d", backend, x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias,
+                     pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
+
+
+def _dispatch(op: str, backend: str, x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias,
+              pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act):
+    """Check the arguments of conv2d / conv2d_stats and run the chosen backend's implementation."""
     check_act(pre_act)
     check_act(act)
-    check_bn("conv2d", x, pre_mean, pre_invstd, pre_training)
+    check_bn(op, x, pre_mean, pre_invstd, pre_training)
     args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, pre_weight,
             pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
-    return B.choose("conv2d", backend, x.device, args)(*args)
+    return B.choose(op, backend, x.device, args)(*args)
 
 
 def _strides_like_channels_last(t: Tensor) -> bool:
@@ -152,12 +159,8 @@ def conv2d_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
     the BN that follows it in training, as `batch_stats` of the output gives them. On Triton they
     come from the conv kernel's epilogue, so that BN takes no pass of its own over the output. The
     statistics carry no gradient: BN's training backward (bn_act, the conv prologue) includes theirs."""
-    check_act(pre_act)
-    check_act(act)
-    check_bn("conv2d_stats", x, pre_mean, pre_invstd, pre_training)
-    args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, pre_weight,
-            pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
-    return B.choose("conv2d_stats", backend, x.device, args)(*args)
+    return _dispatch("conv2d_stats", backend, x, weight, bias, stride, padding, dilation, groups, pre_weight,
+                     pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
 
 
 @conv2d_stats.register_fake

@@ -173,34 +173,26 @@ def test_conv2d_channel_slice_input():
     _check_conv(tuple(args), torch.float32, "slice")
 
 
+# tiles: (geometry, packed-groups tiles or the others, how many there are at least in 16-bit)
+EVERY_CONFIG = {
+    # C=37, K=50, M=50 < BLOCK_M: several tiles need multiple channel chunks and output-channel tiles
+    "plain": ((2, 37, 5, 5, 50, (3, 3), (1, 1), (1, 1), (1, 1), 1), False, 6),
+    # C/G=6, K/G=5, 8 groups: the narrow packed tiles split the packed groups' channels into
+    # several chunks and their columns into several tiles
+    "packed": ((2, 48, 5, 5, 40, (3, 3), (1, 1), (1, 1), (1, 1), 8), True, 4),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=IDS.get)
-def test_conv2d_every_config(dtype):
-    """Every tile the heuristic can pick, on a shape where several need multiple channel chunks
-    and output-channel tiles (C=37, K=50; M=50 < BLOCK_M)."""
-    geom = (2, 37, 5, 5, 50, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+@pytest.mark.parametrize("tiles", list(EVERY_CONFIG))
+def test_conv2d_every_config(tiles, dtype):
+    """Every tile the heuristic can pick, forced on one shape, against float64."""
+    geom, packed, least = EVERY_CONFIG[tiles]
     args = conv_args(geom, dtype, **ALL)
     oracle = ops.conv2d(*_f64(args), "reference")
     eager = ops.conv2d(*args, "reference")
-    configs = KC.all_configs(torch.empty(0, dtype=dtype).element_size())
-    assert len(configs) >= 6
-    for cfg in configs:
-        y = conv2d_triton(*args, config=cfg)
-        if dtype == torch.float32:
-            assert_close(y, oracle, dtype=dtype, name=str(cfg))
-        else:
-            assert_as_accurate(y, eager, oracle, dtype=dtype, name=str(cfg))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=IDS.get)
-def test_conv2d_every_packed_groups_config(dtype):
-    """Every packed-groups tile on one grouped shape (C/G=6, K/G=5, 8 groups): the narrow tiles
-    split the packed groups' channels into several chunks and their columns into several tiles."""
-    geom = (2, 48, 5, 5, 40, (3, 3), (1, 1), (1, 1), (1, 1), 8)
-    args = conv_args(geom, dtype, **ALL)
-    oracle = ops.conv2d(*_f64(args), "reference")
-    eager = ops.conv2d(*args, "reference")
-    configs = [c for c in KC.all_configs(torch.empty(0, dtype=dtype).element_size()) if c.PACK_GROUPS]
-    assert len(configs) >= (4 if dtype == torch.bfloat16 else 1)
+    configs = [c for c in KC.all_configs(torch.empty(0, dtype=dtype).element_size()) if c.PACK_GROUPS == packed]
+    assert len(configs) >= (least if dtype != torch.float32 else 1)
     for cfg in configs:
         y = conv2d_triton(*args, config=cfg)
         if dtype == torch.float32:
