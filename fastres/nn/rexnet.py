@@ -112,6 +112,12 @@ def _timm_conv_norm_act(m: nn.Module, act: Optional[str]):
     return adopt(ConvNormAct, m, conv=m.conv, bn=bn, act=got)
 
 
+@rule("timm.layers.conv_bn_act.ConvNormAct")
+def _from_timm_conv_norm_act(m: nn.Module):
+    """A standalone timm ConvNormAct (ReXNet's stem and head): conv, BN and activation in one op."""
+    return _timm_conv_norm_act(m, None)
+
+
 @rule("timm.models.rexnet.LinearBottleneck")
 def _from_timm(m: nn.Module):
     if m.drop_path is not None and not isinstance(m.drop_path, nn.Identity):

@@ -103,3 +103,18 @@ def test_bad_input(bad, err, match):
     new = LinearBottleneck(8, 12, 1, exp_ratio=6.0, se_ratio=1 / 12)
     with pytest.raises(err, match=match):
         new(bad)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("stride, kernel, act", [(2, 3, "silu"), (1, 1, "silu"), (1, 3, "relu6")])
+def test_standalone_conv_norm_act(stride, kernel, act, train):
+    """timm's ConvNormAct outside a block (ReXNet's stem and head) converts to one fused op."""
+    import copy
+
+    from timm.layers import ConvNormAct
+
+    from fastres.nn.rexnet import ConvNormAct as Fused
+    ref = randomize_bn(ConvNormAct(6, 10, kernel, stride=stride, act_layer=act))
+    new = fastres.convert(ref)
+    assert type(new) is Fused and new.act == act
+    assert_matches_float64(copy.deepcopy(ref).double(), new, torch.randn(2, 6, 9, 9), train=train)
