@@ -13,6 +13,9 @@ TORCH_LIBRARY(fastres_native, m) {
   m.def("batch_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("bn_act_pool2d(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? invstd, str act, str kind, "
         "int[] kernel_size, int[] stride, int[] padding) -> Tensor");
+  m.def("se_gate_act(Tensor x, Tensor gate, Tensor? residual, str act) -> Tensor");
+  m.def("se_gate_act_backward(Tensor grad, Tensor x, Tensor gate, Tensor? residual, Tensor? out, str act) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef FASTRES_WITH_CUDA

@@ -17,6 +17,7 @@
 #include "../act.h"
 #include "../bn_act.h"
 #include "io.h"
+#include "tiles.h"
 
 namespace fastres {
 namespace {
@@ -24,60 +25,6 @@ namespace {
 // Channels_last elements per tile (rows = this / C): small enough that a tile's partial
 // sums stay in cache, large enough to amortise the per-tile work.
 constexpr int64_t kTileElems = 16384;
-
-// Per-channel sums over one tile: an NCHW plane sums in registers into one value, a channels_last
-// tile sums each of its C channels in memory (the tile's partial row).
-template <typename T>
-struct TileSum {
-  using IO = Io<T>;
-  typename IO::O* row;
-  bool inner;
-  typename IO::Pack acc;
-
-  TileSum(typename IO::O* row_, bool inner_) : row(row_), inner(inner_) { acc.fill(typename IO::V(0)); }
-
-  C10_ALWAYS_INLINE void add(const typename IO::Pack& v, int64_t j, int64_t n) {
-    for (int k = 0; k < IO::kParts; ++k) {
-      const int64_t m = IO::lanes(n, k);
-      if (inner) {
-        typename IO::O* p = row + j + k * IO::V::size();
-        (IO::V::loadu(p, m) + v[k]).store(p, m);
-      } else {
-        acc[k] = acc[k] + (m == IO::V::size() ? v[k] : IO::V::set(typename IO::V(0), v[k], m));
-      }
-    }
-  }
-
-  void finish() {
-    if (inner) return;
-    for (int k = 0; k < IO::kParts; ++k)
-      *row += at::vec::vec_reduce_all([](auto& a, auto& b) { return a + b; }, acc[k]);
-  }
-};
-
-// Calls f(t) for every tile, tiles in parallel.
-template <typename F>
-void for_each_tile(const Layout& L, F&& f) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(L.tile_elems(), 1));
-  at::parallel_for(0, L.tiles(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) f(t);
-  });
-}
-
-// Calls f(i, j, n) over tile t in steps of at most Io<T>::kStep elements: n elements at flat
-// offset i, position j of their run (the NCHW plane, or the channels_last row, so j is the channel).
-template <typename T, typename F>
-C10_ALWAYS_INLINE void for_each_step(const Layout& L, int64_t t, F&& f) {
-  constexpr int64_t kStep = Io<T>::kStep;
-  auto run = [&](int64_t off, int64_t len) C10_ALWAYS_INLINE_ATTRIBUTE {
-    for (int64_t j = 0; j < len; j += kStep) f(off + j, j, std::min(kStep, len - j));
-  };
-  if (!L.cl) return run(t * L.HW, L.HW);
-  for (int64_t p = t * L.rows, end = std::min(p + L.rows, L.pixels()); p < end; ++p) run(p * L.C, L.C);
-}
-
-template <typename T>
-const T* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; }
 
 // ---- bn_act --------------------------------------------------------------------------------------
 template <typename T, Act A>

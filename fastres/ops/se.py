@@ -66,6 +66,25 @@ B.register("se_gate_act", "reference")(ref.se_gate_act)
 B.register("se_gate_act_backward", "reference")(ref.se_gate_act_backward)
 
 
+# ==== native implementation: fastres._C (csrc/cpu/se.cpp, csrc/cuda/se.cu) =====================
+def _native_se_supports(x: Tensor, gate: Tensor, *tensors: Optional[Tensor]) -> Optional[str]:
+    from fastres.ops.bn_act import _native_supports
+    return _native_supports(x, gate, *tensors) or (
+        None if gate.dtype.is_floating_point else f"gate dtype {gate.dtype} is not floating")
+
+
+@B.register("se_gate_act", "native", supports=lambda x, gate, residual, act: _native_se_supports(x, gate, residual))
+def _se_gate_act_native(x, gate, residual, act):
+    return torch.ops.fastres_native.se_gate_act(x, gate, residual, act)
+
+
+@B.register("se_gate_act_backward", "native",
+            supports=lambda grad, x, gate, residual, out, act: _native_se_supports(x, gate, grad, residual, out))
+def _se_gate_act_backward_native(grad, x, gate, residual, out, act):
+    gx, ggate, gres = torch.ops.fastres_native.se_gate_act_backward(grad, x, gate, residual, out, act)
+    return gx, ggate, gres if residual is not None else None
+
+
 # ==== triton implementation ======================================================================
 # fastres.kernels.se: one elementwise forward kernel; the backward computes gx and the residual's
 # grad in one pass with per-chunk partial gate sums, merged by a second small kernel. They run on

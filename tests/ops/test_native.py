@@ -228,6 +228,43 @@ def test_strided_input_falls_back_to_a_copy():
     _check_forward((x, w, None, None, None, None), "relu")
 
 
+# ---- se_gate_act ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("shape", [(3, 37, 5, 7), (2, 300, 28, 28), (2, 16, 1, 1), (0, 4, 3, 3)], ids=_shape_id)
+def test_se_gate_act(shape, act, dtype, cl):
+    """Forward and backward against the reference: every activation, with and without the residual,
+    several tiles per image in channels_last (300 x 28 x 28), 1x1 and empty inputs."""
+    for residual in (False, True):
+        x = _fmt(torch.randn(shape, dtype=dtype), cl)
+        gate = torch.randn(shape[:2], dtype=dtype)
+        r = _fmt(torch.randn(shape, dtype=dtype), not cl) if residual else None   # the other layout
+        y = native.se_gate_act(x, gate, r, act)
+        assert y.stride() == torch.empty_like(x).stride()
+        assert_close(y, ref.se_gate_act(x, gate, r, act), name=f"forward {act}")
+        g = torch.randn(shape, dtype=dtype)
+        got = native.se_gate_act_backward(g, x, gate, r, y, act)
+        want = ref.se_gate_act_backward(g, x, gate, r, y, act)
+        for name, a, e, n in zip(("x", "gate", "residual"), got, want, (1, shape[2] * shape[3], 1)):
+            if e is None:
+                assert a.numel() == 0, name
+                continue
+            assert a.dtype == e.dtype and a.shape == e.shape, name
+            assert_close(a, e, reduced=n, name=f"grad {name} {act}")
+
+
+def test_se_gate_act_through_the_op():
+    """torch.ops.fastres.se_gate_act on the native backend: opcheck, and autograd reaches the kernel."""
+    x = torch.randn(2, 6, 4, 5).to(memory_format=CL)
+    gate, r = torch.randn(2, 6), torch.randn(2, 6, 4, 5)
+    opcheck(torch.ops.fastres.se_gate_act.default, (x, gate, r, "relu", "native"))
+    with fastres.backend.recording() as rec:
+        xg = x.clone().requires_grad_()
+        torch.ops.fastres.se_gate_act(xg, gate, r, "silu", "native").sum().backward()
+    assert [(op, b) for _, op, b, _ in rec] == [("se_gate_act", "native"), ("se_gate_act_backward", "native")]
+
+
 def test_errors():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="unknown activation"):
@@ -240,15 +277,22 @@ def test_errors():
         native.bn_act_backward(x, x, None, None, None, None, None, None, "silu", False, [True] * 3)
     with pytest.raises(RuntimeError, match="4-D"):
         native.batch_stats(torch.randn(2, 3, 4))
+    with pytest.raises(RuntimeError, match=r"gate must be \(N, C\) = \(2, 3\)"):
+        native.se_gate_act(x, torch.randn(2, 4), None, "relu")
+    with pytest.raises(RuntimeError, match="saved output"):
+        native.se_gate_act_backward(x, x, torch.randn(2, 3), None, None, "relu")
 
 
 def test_results_do_not_depend_on_thread_count():
     args = _inputs((4, 24, 20, 20), torch.float32, True, set(TERMS), True)
     g = torch.randn_like(args[0])
 
+    gate = torch.randn(4, 24)
+
     def run():
         return (*native.batch_stats(args[0]), native.bn_act(*args, "silu"),
-                *native.bn_act_backward(g, *args, None, "silu", True, [True] * 4))
+                *native.bn_act_backward(g, *args, None, "silu", True, [True] * 4),
+                *native.se_gate_act_backward(g, args[0], gate, args[-1], None, "silu"))
 
     prev = torch.get_num_threads()
     try:
