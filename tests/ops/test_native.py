@@ -407,8 +407,33 @@ def test_opcheck_schema(cl):
     opcheck(native.batch_stats.default, (x,), test_utils=utils)
 
 
-@pytest.mark.parametrize("op", ["bn_act", "bn_act_backward", "batch_stats"])
+@pytest.mark.parametrize("op", ["bn_act", "bn_act_backward", "batch_stats", "se_gate_act", "se_gate_act_backward"])
 def test_built_with_cuda_says_which_kernels_exist(op):
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has(f"fastres_native::{op}", "CPU")
     assert has(f"fastres_native::{op}", "CUDA") == _C.built_with_cuda
+
+
+def test_cuda_kernels_compile_without_spills():
+    """The CUDA half of fastres._C (built for sm_80 and sm_90, never run here): every kernel
+    instance, the SE ones included, without stack frames or local memory (ptxas spills)."""
+    import re
+    import subprocess
+
+    from fastres import gpu_report
+    if not _C.built_with_cuda:
+        pytest.skip("fastres._C was built without CUDA")
+    try:
+        tool = gpu_report.cuobjdump()
+    except ImportError:
+        pytest.skip("cuobjdump ships with triton, which is not installed")
+    text = subprocess.run([tool, "--dump-resource-usage", _C.__file__], check=True, capture_output=True,
+                          text=True).stdout
+    usage = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    names = " ".join(u[0] for u in usage)
+    for kernel in ("bn_act_kernel", "bn_act_reduce_kernel", "batch_stats_kernel", "se_gate_act_kernel",
+                   "se_gate_grad_kernel"):
+        assert kernel in names, f"{kernel} missing from the CUDA build"
+    spills = [(name, stack, local) for name, _, stack, local in usage if int(stack) or int(local)]
+    assert not spills, spills
+    assert max(int(u[1]) for u in usage) <= 255
