@@ -89,10 +89,11 @@ class Bottle2neck(nn.Module):
         c1, stats = conv(x, self.conv1, with_stats=True, backend=b)
         p1 = bn_prologue(c1, self.bn1, stats=stats, backend=b)
         parts: list[tuple[Tensor, Optional[dict]]] = []  # conv3's input per split: (tensor, BN-ReLU or None)
+        spx = torch.split(c1, w, 1)   # views; their gradients are put together by one cat
         y = None
         for i, (conv_i, bn_i) in enumerate(zip(self.convs, self.bns)):
             split = slice(i * w, (i + 1) * w)
-            c, stats = conv(c1[:, split], conv_i, pre=F.channels(p1, split), addend=y, with_stats=True, backend=b)
+            c, stats = conv(spx[i], conv_i, pre=F.channels(p1, split), addend=y, with_stats=True, backend=b)
             p = bn_prologue(c, bn_i, stats=stats, backend=b)
             parts.append((c, p))
             if not self.is_first and i + 1 < len(self.convs):
@@ -100,11 +101,11 @@ class Bottle2neck(nn.Module):
         if self.scale > 1:
             last = slice((self.scale - 1) * w, self.scale * w)
             if self.pool is None:
-                parts.append((c1[:, last], F.channels(p1, last)))
+                parts.append((spx[-1], F.channels(p1, last)))
             elif pool_kind(self.pool) is not None:
-                parts.append((bn_act_pool(c1[:, last], F.channels(p1, last), self.pool, backend=b), None))
+                parts.append((bn_act_pool(spx[-1], F.channels(p1, last), self.pool, backend=b), None))
             else:
-                parts.append((self.pool(F.bn_act_from(c1[:, last], F.channels(p1, last), backend=b)), None))
+                parts.append((self.pool(F.bn_act_from(spx[-1], F.channels(p1, last), backend=b)), None))
         out = None
         for j, (t, p) in enumerate(parts):   # the last one's statistics are those of the whole sum
             out = conv(t, self.conv3, pre=p, weight=self.conv3.weight[:, j * w:(j + 1) * w], bias=j == 0,
