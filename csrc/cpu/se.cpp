@@ -10,6 +10,7 @@
 
 #include "../act.h"
 #include "../bn_act.h"
+#include "../se.h"
 #include "io.h"
 #include "tiles.h"
 
@@ -26,10 +27,7 @@ struct SeInputs {
 
 SeInputs se_prepare(const Tensor& x, const Tensor& gate, const OptTensor& residual) {
   SeInputs se{prepare(x, std::nullopt, std::nullopt, std::nullopt, std::nullopt, residual, kTileElems), {}, {}};
-  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(1),
-              "fastres: gate must be (N, C) = (", x.size(0), ", ", x.size(1), "), got ", gate.sizes());
-  TORCH_CHECK(gate.device() == x.device(), "fastres: gate must be on x's device ", x.device());
-  se.s = at::sigmoid(gate.to(se.in.opmath)).contiguous();
+  se.s = gate_sigmoid(x, gate, se.in.opmath);
   se.image = se.in.layout;
   se.image.N = 1;
   return se;
@@ -128,9 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> se_gate_act_backward_cpu(const Tensor& grad_,
   const Act act = parse_act(std::string(act_name));
   SeInputs se = se_prepare(x, gate, residual);
   Tensor grad = se.in.like_x(grad_, "grad");
-  Tensor saved_out = saved_output(se.in, out, act == Act::Relu || act == Act::Relu6);
-  TORCH_CHECK(saved_out.defined() || !(act == Act::Relu || act == Act::Relu6),
-              "fastres: se_gate_act_backward needs the saved output for relu and relu6");
+  Tensor saved_out = se_saved_output(se.in, out, act);
   const Layout& L = se.image;
   Tensor gx = at::empty_like(se.in.x);
   Tensor gres = present(residual) ? at::empty_like(se.in.x) : Tensor();

@@ -11,6 +11,7 @@
 
 #include "../act.h"
 #include "../bn_act.h"
+#include "../se.h"
 
 namespace fastres {
 namespace {
@@ -98,10 +99,7 @@ struct SeCall {
 
 SeCall se_prepare(const Tensor& x, const Tensor& gate, const OptTensor& residual) {
   SeCall call{prepare(x, std::nullopt, std::nullopt, std::nullopt, std::nullopt, residual, 1), {}};
-  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == x.size(0) && gate.size(1) == x.size(1),
-              "fastres: gate must be (N, C) = (", x.size(0), ", ", x.size(1), "), got ", gate.sizes());
-  TORCH_CHECK(gate.device() == x.device(), "fastres: gate must be on x's device ", x.device());
-  call.s = at::sigmoid(gate.to(call.in.opmath)).contiguous();
+  call.s = gate_sigmoid(x, gate, call.in.opmath);
   return call;
 }
 
@@ -137,9 +135,7 @@ std::tuple<Tensor, Tensor, Tensor> se_gate_act_backward_cuda(const Tensor& grad_
   const Act act = parse_act(std::string(act_name));
   SeCall call = se_prepare(x, gate, residual);
   Tensor grad = call.in.like_x(grad_, "grad");
-  Tensor saved_out = saved_output(call.in, out, act == Act::Relu || act == Act::Relu6);
-  TORCH_CHECK(saved_out.defined() || !(act == Act::Relu || act == Act::Relu6),
-              "fastres: se_gate_act_backward needs the saved output for relu and relu6");
+  Tensor saved_out = se_saved_output(call.in, out, act);
   Tensor gx = at::empty_like(call.in.x);
   Tensor gres = present(residual) ? at::empty_like(call.in.x) : Tensor();
   Tensor ggate = at::empty({x.size(0), x.size(1)}, call.s.options());
