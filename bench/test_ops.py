@@ -13,6 +13,7 @@ import torch.nn.functional as TF
 from bench.conftest import run
 from fastres import functional as F
 from fastres.benchmark import Case, group_name, providers
+from fastres.traffic import aten_bytes
 
 CL = torch.channels_last
 
@@ -111,14 +112,6 @@ def _case(provider: str, eager: Callable, fused: Callable, inputs: tuple, train:
     return Case(provider, step, time.perf_counter() - t0, None)
 
 
-def _bytes_moved(step: Callable) -> int:
-    from fastres.traffic import Counter, _AtenMode
-    counter = Counter()
-    with _AtenMode(counter):
-        step()
-    return counter.aten_bytes
-
-
 @pytest.mark.parametrize("subject, mode", CASES, ids=[f"{s}-{m}" for s, m in CASES])
 @pytest.mark.parametrize("provider", [p for p in providers() if p != "eager_cl"])
 def test_op(benchmark, quick, baselines, subject, mode, provider):
@@ -132,5 +125,5 @@ def test_op(benchmark, quick, baselines, subject, mode, provider):
     benchmark.group = group_name(subject, shape, torch.float32, mode)
     case = _case(provider, eager, fused, inputs, mode == "train")
     if provider != "compile":   # inductor's generated kernels bypass the dispatcher
-        benchmark.extra_info["bytes_moved"] = _bytes_moved(case.step)
+        benchmark.extra_info["bytes_moved"] = aten_bytes(case.step)
     run(benchmark, case, quick=quick, batch=shape[0], baselines=baselines)

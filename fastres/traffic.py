@@ -233,6 +233,16 @@ class _AtenMode(TorchDispatchMode):
         return out
 
 
+def aten_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the inputs and outputs of every aten op that `fn()` dispatches (a fastres custom op
+    counted through what its implementation runs: a native kernel is one op). Needs no
+    interpreter: the aten counter alone, as for an eager model."""
+    counter = Counter()
+    with _AtenMode(counter):
+        fn()
+    return counter.aten_bytes
+
+
 @contextlib.contextmanager
 def counting() -> Iterator[Counter]:
     """Count Triton launches (interpreted) and aten ops inside the block."""

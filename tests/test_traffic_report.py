@@ -1,6 +1,8 @@
 """fastres.traffic renders a saved run (--load) into the README block without measuring again."""
 import json
 
+import torch
+
 from fastres import traffic
 
 
@@ -23,3 +25,17 @@ def test_load_renders_the_readme_table(tmp_path):
     assert "old" not in text and text.startswith("x\n") and text.endswith("y\n")
     assert "| resnet50 layer1.1 Bottleneck 256-64-256 56x56 | 20.0 → 6.0 | 0.30 |" in text
     assert "| 40.0 → 30.0 | 0.75 |" in text
+
+
+def test_aten_bytes_without_the_interpreter():
+    """Eager ops count inputs + outputs each; a fastres op on the native backend counts its kernel
+    as the one op it is (x read, out written, the per-channel vectors)."""
+    import fastres
+    from fastres import functional as F
+    x, y = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    nb = x.numel() * 4
+    assert traffic.aten_bytes(lambda: torch.relu(x + y)) == 3 * nb + 2 * nb
+    if "native" in fastres.available_backends():
+        mean, var = torch.zeros(8), torch.ones(8)
+        moved = traffic.aten_bytes(lambda: F.bn_act(x, mean, var, backend="native"))
+        assert 2 * nb <= moved < 2 * nb + 8 * 4 * 8, moved
