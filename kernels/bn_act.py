@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import apply_act
+from fastres.kernels.conv import apply_act, tile_moments
 
 
 @triton.jit
@@ -118,10 +118,8 @@ def batch_stats_partial_kernel(
         ok = (p < P)[:, None] & c_ok[None, :]
         v = tl.load(x_ptr + (_position_offsets(p, HW, W, sxn, sxh, sxw)[:, None] + c_off[None, :]),
                     mask=ok, other=0.0).to(tl.float32)
-        t_cnt = tl.sum(ok.to(tl.float32), axis=0)
-        t_mean = tl.sum(v, axis=0) / tl.maximum(t_cnt, 1.0)
-        d = tl.where(ok, v - t_mean[None, :], 0.0)
-        cnt, mean, m2 = _merge(cnt, mean, m2, t_cnt, t_mean, tl.sum(d * d, axis=0))
+        t_cnt, t_mean, t_m2 = tile_moments(v, ok)
+        cnt, mean, m2 = _merge(cnt, mean, m2, t_cnt, t_mean, t_m2)
     chunks = tl.num_programs(0)
     base = part_ptr + chunk.to(tl.int64) * C + c
     tl.store(base, cnt, mask=c_ok)

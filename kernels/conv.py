@@ -57,6 +57,18 @@ def apply_act(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def tile_moments(v, ok):
+    """(count, mean, M2) per column of the fp32 tile v over its rows where `ok` (a mask that
+    broadcasts to v: [rows, 1] or [rows, cols]); an exact two-pass mean and M2 of the values held
+    in registers, which Chan's merge (kernels/bn_act.py) combines across tiles without cancellation."""
+    cnt = tl.sum(ok.to(tl.float32), axis=0)
+    v = tl.where(ok, v, 0.0)
+    mean = tl.sum(v, axis=0) / tl.maximum(cnt, 1.0)
+    d = tl.where(ok, v - mean[None, :], 0.0)
+    return cnt, mean, tl.sum(d * d, axis=0)
+
+
+@triton.jit
 def conv2d_kernel(
     x_ptr, w_ptr, bias_ptr, pre_scale_ptr, pre_shift_ptr, addend_ptr, res_ptr, out_ptr,
     N, H, W, OH, OW, CG, KG, G, TILE_CG, TILE_KG,
@@ -196,17 +208,14 @@ def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, sr
     o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + (o_pix[:, None] + k64[None, :] * soc), out, mask=out_ok)
-    if STATS:   # of the values stored, as a separate pass over out would see them
-        rows = m_ok[:, None]
-        cnt = tl.sum(m_ok.to(tl.float32), axis=0)          # the tile's valid rows, >= 1
-        v = tl.where(rows, out.to(tl.float32), 0.0)
-        mean = tl.sum(v, axis=0) / cnt
-        d = tl.where(rows, v - mean[None, :], 0.0)
+    if STATS:   # of the values stored, as a separate pass over out would see them; the row mask
+        # alone (columns past K are not stored) keeps the count one value per tile
+        cnt, mean, m2 = tile_moments(out.to(tl.float32), m_ok[:, None])
         base = stats_ptr + tl.program_id(0).to(tl.int64) * K + k64
         part = tl.num_programs(0).to(tl.int64) * K
         tl.store(base, tl.zeros_like(mean) + cnt, mask=k_ok)
         tl.store(base + part, mean, mask=k_ok)
-        tl.store(base + 2 * part, tl.sum(d * d, axis=0), mask=k_ok)
+        tl.store(base + 2 * part, m2, mask=k_ok)
 
 
 # ---- configs ---------------------------------------------------------------------------------
