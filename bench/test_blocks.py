@@ -2,6 +2,7 @@
 torch.compile vs fastres. Where `fastres gpu-report --traffic` models the same block
 (docs/traffic.json, bf16 bytes per image at batch 256), extra_info carries its eager and fused
 bytes per image for the mode."""
+import functools
 import json
 from pathlib import Path
 
@@ -53,12 +54,17 @@ SUBJECTS = {
 }
 
 
+@functools.cache
+def _traffic_rows() -> tuple:
+    return tuple(json.loads(TRAFFIC.read_text())) if TRAFFIC.exists() else ()
+
+
 def _modeled(block: str, mode: str) -> dict:
     """eager and fused bytes per image of `block` from the saved traffic table, if it has them."""
-    if block is None or not TRAFFIC.exists():
+    if block is None:
         return {}
     mode = {"infer": "inference", "train": "training"}[mode]
-    for row in json.loads(TRAFFIC.read_text()):
+    for row in _traffic_rows():
         if row["block"] == block and row["mode"] == mode and row["ratio"] == row["ratio"]:
             return {"modeled_eager_bytes_per_img": round(row["eager_img"]),
                     "modeled_fused_bytes_per_img": round(row["fused_img"]), "modeled": "bf16, H100 roofline model"}
