@@ -1,11 +1,18 @@
 // Host-side pieces of the bn_act / bn_act_backward / batch_stats kernels shared by the CPU and CUDA
 // files: argument checks, the per-channel scale/shift, the memory layout the kernels iterate in,
-// and the per-channel reductions of per-tile partial results (ATen ops on small tensors).
+// and the per-channel reductions of per-tile partial results.
+//
+// That per-channel math is a few hundred scalars. On the GPU it runs as ATen ops on the channel
+// vectors where they live; for a CPU tensor it runs as host loops (for_channels), since each ATen
+// op would cost an allocation and a dispatch, several microseconds, which at small activations
+// outweighs the kernel itself. Both evaluate the same formulas (the templates below).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
@@ -15,6 +22,26 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
 inline bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// ---- per-channel formulas: V is a scalar (host loop) or a channel vector (ATen ops) -------------
+template <class V> V bn_scale(const V& invstd, const V& weight) { return invstd * weight; }
+template <class V> V bn_shift(const V& bias, const V& mean, const V& scale) { return bias - mean * scale; }
+// a tile's exact mean and sum of squared deviations from its approximate mean, the sum of the
+// deviations from it and the sum of their squares (the corrected two-pass formula)
+template <class V, class N> V exact_mean(const V& approx, const V& dev, const N& n) { return approx + dev / n; }
+template <class V, class N> V exact_m2(const V& sq, const V& dev, const N& n) { return sq - dev * dev / n; }
+
+// f(p) on the host for contiguous CPU vectors of one opmath type: p[i] points to the data of
+// vectors[i] (nullptr for an undefined one); Elem<decltype(p)> is that type.
+template <size_t K, typename F>
+void with_host_vectors(at::ScalarType opmath, const std::array<Tensor, K>& vectors, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES(opmath, "fastres_channels", [&] {
+    std::array<scalar_t*, K> p;
+    for (size_t i = 0; i < K; ++i) p[i] = vectors[i].defined() ? vectors[i].template mutable_data_ptr<scalar_t>() : nullptr;
+    f(p);
+  });
+}
+template <class P> using Elem = std::remove_pointer_t<typename P::value_type>;
 
 // A contiguous 4-D tensor cut into tiles that the kernels process independently: an NCHW tile is
 // one (n, c) plane of HW elements (one channel); a channels_last tile is `rows` pixels of C
@@ -73,8 +100,21 @@ inline Inputs prepare(const Tensor& x_, const OptTensor& weight, const OptTensor
   in.opmath = at::toOpMathType(x_.scalar_type());
   in.mean = channel_vector(mean, in.x, in.opmath, 0.0, "mean");
   in.invstd = channel_vector(invstd, in.x, in.opmath, 1.0, "invstd");
-  in.scale = in.invstd * channel_vector(weight, in.x, in.opmath, 1.0, "weight");
-  in.shift = channel_vector(bias, in.x, in.opmath, 0.0, "bias") - in.mean * in.scale;
+  Tensor w = channel_vector(weight, in.x, in.opmath, 1.0, "weight");
+  Tensor b = channel_vector(bias, in.x, in.opmath, 0.0, "bias");
+  if (in.x.is_cpu()) {
+    in.scale = at::empty_like(w);
+    in.shift = at::empty_like(b);
+    with_host_vectors<6>(in.opmath, {in.mean, in.invstd, w, b, in.scale, in.shift}, [&](auto p) {
+      for (int64_t c = 0; c < w.numel(); ++c) {
+        p[4][c] = bn_scale(p[1][c], p[2][c]);
+        p[5][c] = bn_shift(p[3][c], p[0][c], p[4][c]);
+      }
+    });
+  } else {
+    in.scale = bn_scale(in.invstd, w);
+    in.shift = bn_shift(b, in.mean, in.scale);
+  }
   if (present(residual)) in.residual = in.like_x(*residual, "residual");
   const int64_t C = in.x.size(1);
   in.layout = Layout{in.format == at::MemoryFormat::ChannelsLast, in.x.size(0), C, in.x.size(2) * in.x.size(3),
@@ -87,7 +127,23 @@ inline Tensor partial_buffer(const Inputs& in) {
   return at::zeros({in.layout.tiles() * in.layout.width()}, in.x.options().dtype(in.opmath));
 }
 
-inline Tensor channel_sum(const Tensor& partial, const Layout& L) { return partial.view({-1, L.C}).sum(0); }
+// Per-channel totals of a partial-sum buffer, times `factor` when given (a channel vector).
+inline Tensor channel_sum(const Tensor& partial, const Layout& L, const Tensor& factor = {}) {
+  if (!partial.is_cpu()) {
+    Tensor total = partial.view({-1, L.C}).sum(0);
+    return factor.defined() ? total * factor : total;
+  }
+  Tensor total = at::empty({L.C}, partial.options());
+  with_host_vectors<3>(partial.scalar_type(), {partial, total, factor}, [&](auto p) {
+    const int64_t rows = L.tiles() * L.width() / L.C;   // partial rows of the view(-1, C)
+    for (int64_t c = 0; c < L.C; ++c) {
+      Elem<decltype(p)> acc = 0;
+      for (int64_t t = 0; t < rows; ++t) acc += p[0][t * L.C + c];
+      p[1][c] = p[2] ? acc * p[2][c] : acc;
+    }
+  });
+  return total;
+}
 
 // Per-tile statistics from the batch_stats kernels: an approximate tile mean, the sum of the
 // deviations from it and the sum of their squares.
@@ -100,14 +156,39 @@ struct TileStats {
   // (the corrected two-pass formula), combined by the law of total variance; there is no
   // E[x^2] - E[x]^2 cancellation anywhere.
   std::tuple<Tensor, Tensor> merge(const Layout& L) const {
-    Tensor counts = L.counts(mean.options());
-    Tensor dev_t = dev.view({-1, L.C});
-    Tensor mean_t = mean.view({-1, L.C}) + dev_t / counts;
-    Tensor m2_t = m2.view({-1, L.C}) - dev_t.square() / counts;
     const double n = double(L.pixels());
-    Tensor total_mean = (counts * mean_t).sum(0) / n;
-    Tensor total_m2 = m2_t.sum(0) + (counts * (mean_t - total_mean).square()).sum(0);
-    return {total_mean, total_m2 / n};
+    if (!mean.is_cpu()) {
+      Tensor counts = L.counts(mean.options());
+      Tensor dev_t = dev.view({-1, L.C});
+      Tensor mean_t = exact_mean(mean.view({-1, L.C}), dev_t, counts);
+      Tensor m2_t = exact_m2(m2.view({-1, L.C}), dev_t, counts);
+      Tensor total_mean = (counts * mean_t).sum(0) / n;
+      Tensor total_m2 = m2_t.sum(0) + (counts * (mean_t - total_mean).square()).sum(0);
+      return {total_mean, total_m2 / n};
+    }
+    Tensor total_mean = at::empty({L.C}, mean.options()), total_var = at::empty({L.C}, mean.options());
+    const int64_t rows = L.tiles() * L.width() / L.C;   // partial rows of the view(-1, C)
+    with_host_vectors<5>(mean.scalar_type(), {mean, dev, m2, total_mean, total_var}, [&](auto p) {
+      using O = Elem<decltype(p)>;
+      auto count = [&](int64_t t) { return O(L.count(t)); };
+      for (int64_t c = 0; c < L.C; ++c) {
+        O sum = 0, m2_sum = 0, between = 0;
+        for (int64_t t = 0; t < rows; ++t) {
+          const int64_t i = t * L.C + c;
+          sum += count(t) * exact_mean(p[0][i], p[1][i], count(t));
+          m2_sum += exact_m2(p[2][i], p[1][i], count(t));
+        }
+        const O mu = sum / O(n);
+        for (int64_t t = 0; t < rows; ++t) {
+          const int64_t i = t * L.C + c;
+          const O d = exact_mean(p[0][i], p[1][i], count(t)) - mu;
+          between += count(t) * d * d;
+        }
+        p[3][c] = mu;
+        p[4][c] = (m2_sum + between) / O(n);
+      }
+    });
+    return {total_mean, total_var};
   }
 };
 
@@ -140,14 +221,24 @@ struct Backward {
   // Between the passes: per-channel totals, and the coefficients of pass 2.
   void reduce(const Inputs& in) {
     if (s0_partial.defined()) s0 = channel_sum(s0_partial, in.layout);
-    if (s1_partial.defined()) {  // an empty sum stays 0, as the reference's, whatever invstd is
-      s1 = channel_sum(s1_partial, in.layout);
-      if (in.layout.pixels() > 0) s1 = s1 * in.invstd;
-    }
+    // an empty sum stays 0, as the reference's, whatever invstd is
+    if (s1_partial.defined()) s1 = channel_sum(s1_partial, in.layout, in.layout.pixels() > 0 ? in.invstd : Tensor());
     if (!second_pass()) return;
     const double n = double(std::max<int64_t>(in.layout.pixels(), 1));
-    k0 = (s0 / n).contiguous();
-    k1 = (s1 * in.invstd / n).contiguous();
+    if (!s0.is_cpu()) {
+      k0 = (s0 / n).contiguous();
+      k1 = (s1 * in.invstd / n).contiguous();
+      return;
+    }
+    k0 = at::empty_like(s0);
+    k1 = at::empty_like(s1);
+    with_host_vectors<5>(in.opmath, {s0, s1, in.invstd, k0, k1}, [&](auto p) {
+      using O = Elem<decltype(p)>;
+      for (int64_t c = 0; c < in.layout.C; ++c) {
+        p[3][c] = p[0][c] / O(n);
+        p[4][c] = p[1][c] * p[2][c] / O(n);
+      }
+    });
   }
 
   std::tuple<Tensor, Tensor, Tensor, Tensor> result(const Tensor& grad, const OptTensor& weight,

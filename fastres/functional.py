@@ -45,10 +45,11 @@ def bn_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Te
         if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
         if running_mean is not None and count > 0:
-            with torch.no_grad():  # the same expression as ATen's update, for identical buffers
-                unbiased = var * (count / (count - 1))
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-                running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
+            # ATen's update, momentum * batch + (1 - momentum) * running, with the unbiased
+            # variance's count / (count - 1) folded into its factor: two in-place ops a buffer
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
         return mean.detach(), torch.rsqrt(var.detach() + eps)
     if running_mean is None:
         raise ValueError("fastres: BN in eval mode needs running statistics (track_running_stats=True)")

@@ -21,7 +21,7 @@ struct Io {
   static constexpr int kParts = kStep / V::size();
   using Pack = std::array<V, kParts>;
 
-  static int64_t lanes(int64_t n, int k) { return std::clamp<int64_t>(n - k * V::size(), 0, V::size()); }
+  static C10_ALWAYS_INLINE int64_t lanes(int64_t n, int k) { return std::clamp<int64_t>(n - k * V::size(), 0, V::size()); }
 
   // The first n elements at p (the rest zero).
   static C10_ALWAYS_INLINE Pack load(const T* p, int64_t n) {

@@ -14,7 +14,7 @@ from torchvision.models import densenet as tv
 
 import fastres
 from fastres.nn.densenet import DenseBlock, DenseLayer, Transition
-from tests.utils import assert_close
+from tests.utils import assert_as_accurate, assert_close
 from tests.utils import randomize_bn
 
 CL = torch.channels_last
@@ -99,15 +99,24 @@ def _step(m: nn.Module, x: torch.Tensor, proj: torch.Tensor | None) -> tuple[tor
 def _assert_same_step(new: nn.Module, ref: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One forward/backward of `new` (in `dtype`) and `ref` (float64) on `x`; compares outputs,
     input and parameter grads, running statistics and num_batches_tracked. Returns new's output."""
+    positions = x.shape[0] * x.shape[2] * x.shape[3]
+    # train-mode BN over two values per channel is ill-conditioned: eager float32's own weight
+    # grads then miss the table by up to 40x (2x1x1, seed 1), so they are held to eager's accuracy
+    eager = copy.deepcopy(ref).float() if dtype == torch.float32 and new.training and positions <= 2 else None
     y, gx, proj = _step(new, x, None)
     y_ref, gx_ref, _ = _step(ref, x.double(), proj)
     assert_close(y, y_ref, dtype=dtype, name="output")
     assert_close(gx, gx_ref, dtype=dtype, name="input grad")
-    positions = x.shape[0] * x.shape[2] * x.shape[3]
     params = dict(new.named_parameters())
     assert params.keys() == dict(ref.named_parameters()).keys()
+    if eager is not None:
+        _step(eager, x, proj)
+        eager_params = dict(eager.named_parameters())
     for name, p in ref.named_parameters():
-        assert_close(params[name].grad, p.grad, dtype=dtype, reduced=positions, name=f"grad {name}")
+        if eager is None:
+            assert_close(params[name].grad, p.grad, dtype=dtype, reduced=positions, name=f"grad {name}")
+        else:
+            assert_as_accurate(params[name].grad, eager_params[name].grad, p.grad, dtype=dtype, name=f"grad {name}")
     buffers = dict(new.named_buffers())
     for name, b in ref.named_buffers():
         if b.is_floating_point():
