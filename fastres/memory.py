@@ -111,6 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import fastres
     p = argparse.ArgumentParser(prog="python -m fastres.memory", description=main.__doc__)
     p.add_argument("--models", default=",".join(_models()), help="comma-separated subset")
+    p.add_argument("--batch", default="8", help="comma-separated batch sizes, a row each (default 8)")
     p.add_argument("--repeats", type=int, default=5, help="timed training steps per provider (median)")
     p.add_argument("--readme", help="also write the Markdown table between the memory markers of this file")
     args = p.parse_args(argv)
@@ -119,12 +120,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = [n for n in names if n not in table]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(table)}")
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 2:
+        p.error(f"--batch takes comma-separated batch sizes of at least 2 (BN trains on batch statistics), got {args.batch!r}")
     mb, cl = 1 << 20, torch.channels_last
     head = ("model", "input", "eager MiB", "fastres MiB", "ratio", "eager s/step", "eager_cl s/step",
             "fastres s/step", "step vs faster eager")
     rows = []
-    for name in names:
+    for name, batch in ((n, b) for n in names for b in batches):
         build, shape = table[name]
+        shape = (batch, *shape[1:])
         torch.manual_seed(0)
         model = build()
         x = torch.randn(*shape)
@@ -140,7 +148,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in [head] + rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     note = (f"{torch.get_num_threads()} threads, fp32, one SGD step (forward, backward, update), medians of "
-            f"{args.repeats}; fastres runs channels_last. Command: python -m fastres.memory")
+            f"{args.repeats}; fastres runs channels_last. Command: python -m fastres.memory"
+            + (f" --batch {args.batch}" if args.batch != "8" else ""))
     print(note)
     if args.readme:
         from fastres.benchmark import replace_between_markers

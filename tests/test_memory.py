@@ -43,3 +43,12 @@ def test_preact_resnet164_eager_twin_matches_the_fastres_builder():
     assert not fastres.conversion_report(converted).skipped
     x = torch.randn(2, 3, 32, 32)
     assert saved_activation_bytes(converted, x) == saved_activation_bytes(ours, x)
+
+
+@pytest.mark.parametrize("batch", ["1", "8,x", ""])
+def test_table_rejects_bad_batch_sizes(batch, capsys):
+    from fastres.memory import main
+    with pytest.raises(SystemExit) as e:
+        main(["--models", "resnet50", "--batch", batch])
+    assert e.value.code == 2
+    assert "--batch takes comma-separated batch sizes of at least 2" in capsys.readouterr().err
