@@ -89,19 +89,22 @@ def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
     }
 
 
-def step_seconds(model: nn.Module, x: torch.Tensor, *, repeats: int = 5) -> float:
-    """Median seconds of one SGD training step (forward, backward, update) after a warm-up step."""
+def step_seconds(models: dict[str, tuple[nn.Module, torch.Tensor]], *, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one SGD training step (forward, backward, update) of each model on its
+    input, after a warm-up step each. The models take turns step by step, so that a slow spell
+    of a shared machine falls on all of them alike rather than on whichever ran then."""
     import time
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train()
-    times = []
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, (m, _) in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        model(x).float().square().mean().backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[repeats // 2]
+        for k, (m, x) in models.items():
+            m.train()
+            t0 = time.perf_counter()
+            opts[k].zero_grad(set_to_none=True)
+            m(x).float().square().mean().backward()
+            opts[k].step()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(t[1:])[repeats // 2] for k, t in times.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -137,9 +140,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         model = build()
         x = torch.randn(*shape)
         rep = memory_report(model, x, name=name)
-        eager = step_seconds(copy.deepcopy(model), x, repeats=args.repeats)
-        eager_cl = step_seconds(copy.deepcopy(model).to(memory_format=cl), x.to(memory_format=cl), repeats=args.repeats)
-        fused = step_seconds(fastres.convert(model).to(memory_format=cl), x.to(memory_format=cl), repeats=args.repeats)
+        t = step_seconds({"eager": (copy.deepcopy(model), x),
+                          "eager_cl": (copy.deepcopy(model).to(memory_format=cl), x.to(memory_format=cl)),
+                          "fastres": (fastres.convert(model).to(memory_format=cl), x.to(memory_format=cl))},
+                         repeats=args.repeats)
+        eager, eager_cl, fused = t["eager"], t["eager_cl"], t["fastres"]
         rows.append((name, "x".join(map(str, shape)), f"{rep.eager / mb:.1f}", f"{rep.fastres / mb:.1f}",
                      f"{rep.ratio:.2f}x", f"{eager:.3f}", f"{eager_cl:.3f}", f"{fused:.3f}",
                      f"{fused / min(eager, eager_cl):.2f}x"))
@@ -148,7 +153,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for r in [head] + rows:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
     note = (f"{torch.get_num_threads()} threads, fp32, one SGD step (forward, backward, update), medians of "
-            f"{args.repeats}; fastres runs channels_last. Command: python -m fastres.memory"
+            f"{args.repeats}, the three taking turns step by step; fastres runs channels_last. Command: python -m fastres.memory"
             + (f" --batch {args.batch}" if args.batch != "8" else ""))
     print(note)
     if args.readme:
