@@ -193,9 +193,12 @@ def bn_prologue(x: Tensor, running_mean, running_var, bn_weight=None, bn_bias=No
                 pre_training=bn["training"])
 
 
-def channels(pre: dict, index: slice) -> dict:
-    """The prologue arguments of the channels `index` of a `bn_prologue` (per-channel tensors sliced)."""
-    return {k: v[index] if isinstance(v, Tensor) else v for k, v in pre.items()}
+def split_channels(pre: dict, size: int, count: int) -> list[dict]:
+    """The prologue arguments of each of `count` consecutive runs of `size` channels of a
+    `bn_prologue`, every per-channel tensor split once: views whose gradients autograd joins with
+    one cat, where a slice each would zero-fill a full-size gradient per slice and add them up."""
+    split = {k: torch.split(v, size) for k, v in pre.items() if isinstance(v, Tensor)}
+    return [{k: split[k][i] if k in split else v for k, v in pre.items()} for i in range(count)]
 
 
 def bn_act_from(x: Tensor, pre: dict, *, act: str = "relu", residual: Optional[Tensor] = None,

@@ -89,26 +89,28 @@ class Bottle2neck(nn.Module):
         c1, stats = conv(x, self.conv1, with_stats=True, backend=b)
         p1 = bn_prologue(c1, self.bn1, stats=stats, backend=b)
         parts: list[tuple[Tensor, Optional[dict]]] = []  # conv3's input per split: (tensor, BN-ReLU or None)
-        spx = torch.split(c1, w, 1)   # views; their gradients are put together by one cat
+        # views of c1, its BN's vectors and conv3's weight per split; the gradients of each are
+        # put together by one cat
+        spx = torch.split(c1, w, 1)
+        pre = F.split_channels(p1, w, self.scale)
+        w3 = torch.split(self.conv3.weight, w, 1)
         y = None
         for i, (conv_i, bn_i) in enumerate(zip(self.convs, self.bns)):
-            split = slice(i * w, (i + 1) * w)
-            c, stats = conv(spx[i], conv_i, pre=F.channels(p1, split), addend=y, with_stats=True, backend=b)
+            c, stats = conv(spx[i], conv_i, pre=pre[i], addend=y, with_stats=True, backend=b)
             p = bn_prologue(c, bn_i, stats=stats, backend=b)
             parts.append((c, p))
             if not self.is_first and i + 1 < len(self.convs):
                 y = F.bn_act_from(c, p, backend=b)
         if self.scale > 1:
-            last = slice((self.scale - 1) * w, self.scale * w)
             if self.pool is None:
-                parts.append((spx[-1], F.channels(p1, last)))
+                parts.append((spx[-1], pre[-1]))
             elif pool_kind(self.pool) is not None:
-                parts.append((bn_act_pool(spx[-1], F.channels(p1, last), self.pool, backend=b), None))
+                parts.append((bn_act_pool(spx[-1], pre[-1], self.pool, backend=b), None))
             else:
-                parts.append((self.pool(F.bn_act_from(spx[-1], F.channels(p1, last), backend=b)), None))
+                parts.append((self.pool(F.bn_act_from(spx[-1], pre[-1], backend=b)), None))
         out = None
         for j, (t, p) in enumerate(parts):   # the last one's statistics are those of the whole sum
-            out = conv(t, self.conv3, pre=p, weight=self.conv3.weight[:, j * w:(j + 1) * w], bias=j == 0,
+            out = conv(t, self.conv3, pre=p, weight=w3[j], bias=j == 0,
                        residual=out, with_stats=j == len(parts) - 1, backend=b)
         out, stats = out
         return bn_residual_relu(self, out, self.bn3, identity, stats)
