@@ -3,9 +3,9 @@
 // and the per-channel reductions of per-tile partial results.
 //
 // That per-channel math is a few hundred scalars. On the GPU it runs as ATen ops on the channel
-// vectors where they live; for a CPU tensor it runs as host loops (for_channels), since each ATen
-// op would cost an allocation and a dispatch, several microseconds, which at small activations
-// outweighs the kernel itself. Both evaluate the same formulas (the templates below).
+// vectors where they live; for a CPU tensor it runs as host loops (with_host_vectors), since
+// each ATen op would cost an allocation and a dispatch, several microseconds, which at small
+// activations outweighs the kernel itself. Both evaluate the same formulas (the templates below).
 #pragma once
 
 #include <ATen/ATen.h>
