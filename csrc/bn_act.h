@@ -55,6 +55,8 @@ struct Layout {
   int64_t tiles() const { return cl ? (pixels() + rows - 1) / rows : N * C; }
   int64_t tile_elems() const { return cl ? rows * C : HW; }
   int64_t width() const { return cl ? C : 1; }
+  // Rows of the view(-1, C) of a partial-sum buffer (none without channels).
+  int64_t partial_rows() const { return C > 0 ? tiles() * width() / C : 0; }
   int64_t count(int64_t t) const { return cl ? std::min(rows, pixels() - t * rows) : HW; }
   // Elements per partial row of the view(-1, C), shaped [-1, 1] to broadcast against it.
   Tensor counts(const at::TensorOptions& opts) const {
@@ -135,10 +137,9 @@ inline Tensor channel_sum(const Tensor& partial, const Layout& L, const Tensor& 
   }
   Tensor total = at::empty({L.C}, partial.options());
   with_host_vectors<3>(partial.scalar_type(), {partial, total, factor}, [&](auto p) {
-    const int64_t rows = L.tiles() * L.width() / L.C;   // partial rows of the view(-1, C)
     for (int64_t c = 0; c < L.C; ++c) {
       Elem<decltype(p)> acc = 0;
-      for (int64_t t = 0; t < rows; ++t) acc += p[0][t * L.C + c];
+      for (int64_t t = 0; t < L.partial_rows(); ++t) acc += p[0][t * L.C + c];
       p[1][c] = p[2] ? acc * p[2][c] : acc;
     }
   });
@@ -167,7 +168,7 @@ struct TileStats {
       return {total_mean, total_m2 / n};
     }
     Tensor total_mean = at::empty({L.C}, mean.options()), total_var = at::empty({L.C}, mean.options());
-    const int64_t rows = L.tiles() * L.width() / L.C;   // partial rows of the view(-1, C)
+    const int64_t rows = L.partial_rows();
     with_host_vectors<5>(mean.scalar_type(), {mean, dev, m2, total_mean, total_var}, [&](auto p) {
       using O = Elem<decltype(p)>;
       auto count = [&](int64_t t) { return O(L.count(t)); };

@@ -339,6 +339,19 @@ def test_batch_stats_empty_is_nan(dtype):
     assert mean.isnan().all() and var.isnan().all()
 
 
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+def test_no_channels(cl):
+    """A (2, 0, 3, 3) input: empty outputs and statistics, as the reference gives, not a crash."""
+    x = _fmt(torch.randn(2, 0, 3, 3), cl)
+    mean, var = native.batch_stats(x)
+    assert mean.shape == var.shape == (0,)
+    v = torch.empty(0)
+    assert native.bn_act(x, v, v, v, v, None, "relu").shape == x.shape
+    got = native.bn_act_backward(x, x, v, v, v, v, None, None, "relu", True, [True, False, True, True])
+    want = ref.bn_act_backward(x, x, v, v, v, v, None, None, "relu", True, [True, False, True, True])
+    assert [tuple(t.shape) for t in got] == [tuple(t.shape) for t in want]
+
+
 # ---- the public ops on the native backend ------------------------------------------------------------
 def _public_args(act, training, cl, dtype=torch.float32):
     ops = torch.ops.fastres
