@@ -137,9 +137,10 @@ inline Tensor channel_sum(const Tensor& partial, const Layout& L, const Tensor& 
   }
   Tensor total = at::empty({L.C}, partial.options());
   with_host_vectors<3>(partial.scalar_type(), {partial, total, factor}, [&](auto p) {
+    const int64_t rows = L.partial_rows();
     for (int64_t c = 0; c < L.C; ++c) {
       Elem<decltype(p)> acc = 0;
-      for (int64_t t = 0; t < L.partial_rows(); ++t) acc += p[0][t * L.C + c];
+      for (int64_t t = 0; t < rows; ++t) acc += p[0][t * L.C + c];
       p[1][c] = p[2] ? acc * p[2][c] : acc;
     }
   });

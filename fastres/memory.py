@@ -96,9 +96,10 @@ def step_seconds(models: dict[str, tuple[nn.Module, torch.Tensor]], *, repeats: 
     import time
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, (m, _) in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
+    for m, _ in models.values():
+        m.train()
     for _ in range(repeats + 1):
         for k, (m, x) in models.items():
-            m.train()
             t0 = time.perf_counter()
             opts[k].zero_grad(set_to_none=True)
             m(x).float().square().mean().backward()
