@@ -29,4 +29,4 @@ bench: $(STAMP)
 	$(PY) -m bench.report results/bench.json --plot results/speedups.png
 
 clean:
-	rm -rf .venv build *.egg-info fastres/_C*.so
+	rm -rf .venv build *.egg-info fastres/_C*.so fastres/_cpu_*.so

@@ -1,6 +1,7 @@
-// The schemas of every fastres_native op (kernels: cpu/*.cpp, cuda/*.cu) and the Python module
-// fastres._C, whose import loads them. `fastres._C.built_with_cuda` says whether the CUDA kernels
-// were compiled in.
+// The schemas of every fastres_native op, and the Python module fastres._C whose import defines
+// them along with the CUDA kernels (cuda/*.cu). The CPU kernels (cpu/*.cpp) are built once per
+// ISA as the modules fastres._cpu_<isa>; fastres.backend imports the one this CPU runs.
+// `fastres._C.built_with_cuda` says whether the CUDA kernels were compiled in.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -9,7 +9,9 @@ recorded for ``fastres.explain``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -55,18 +57,34 @@ use_backend = set_backend
 
 
 # ---- extension and Triton availability -------------------------------------------------------
-def _load_native() -> Optional[str]:
-    """Import the compiled extension; return None on success or the reason it is missing."""
+def cpu_kernel_isa(capability: str, machine: str) -> Optional[str]:
+    """Which build of the CPU kernels (module fastres._cpu_<isa>) runs at torch's CPU capability
+    (torch.backends.cpu.get_cpu_capability(), which env ATEN_CPU_CAPABILITY lowers) on this machine
+    type; None where there is none: x86-64 builds need AVX2."""
+    if machine not in ("x86_64", "AMD64"):
+        return "default"
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability)
+
+
+def _load_native() -> tuple[Optional[str], Optional[str]]:
+    """Import the compiled extension and the CPU kernel build for this CPU; return (None, its ISA)
+    on success or (the reason they are missing, None)."""
     if os.environ.get("FASTRES_DISABLE_NATIVE") == "1":
-        return "disabled by FASTRES_DISABLE_NATIVE=1"
+        return "disabled by FASTRES_DISABLE_NATIVE=1", None
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = cpu_kernel_isa(capability, platform.machine())
+    if isa is None:
+        return f"the CPU kernels need AVX2 or AVX-512; torch runs this CPU at {capability}", None
     try:
-        from fastres import _C  # noqa: F401  (registers torch.ops.fastres_native)
+        from fastres import _C  # noqa: F401  (defines torch.ops.fastres_native, registers CUDA kernels)
+        importlib.import_module(f"fastres._cpu_{isa}")  # registers the CPU kernels
     except (ImportError, OSError) as e:
-        return f"extension fastres._C not importable ({e})"
-    return None
+        return f"extension not importable ({e})", None
+    return None, isa
 
 
-NATIVE_MISSING: Optional[str] = _load_native()
+# why the native kernels cannot run (None when they can), and which CPU build of them runs
+NATIVE_MISSING, NATIVE_CPU_ISA = _load_native()
 if NATIVE_MISSING is not None and os.environ.get("FASTRES_DISABLE_NATIVE") != "1":
     warnings.warn(f"fastres: native backend unavailable: {NATIVE_MISSING}; using the reference backend",
                   stacklevel=2)

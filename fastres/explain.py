@@ -18,7 +18,7 @@ class Explanation:
     rows: list[tuple[str, str, str, str]]  # (module path, op, backend, why), one per distinct call
 
     def __str__(self) -> str:
-        out = [str(self.report) if self.report else "model was not converted by fastres.convert"]
+        out = [str(self.report) if self.report else "model was not converted by fastres.convert", native_status()]
         if not self.rows:
             out.append("no fastres op ran")
         else:
@@ -28,6 +28,13 @@ class Explanation:
         return "\n".join(out)
 
     __repr__ = __str__
+
+
+def native_status() -> str:
+    """One line on the compiled kernels: which CPU build runs (one per ISA), or why none does."""
+    if _backend.NATIVE_MISSING is not None:
+        return f"native kernels: unavailable ({_backend.NATIVE_MISSING})"
+    return f"native kernels: CPU build {_backend.NATIVE_CPU_ISA}"
 
 
 def default_input(model: nn.Module) -> torch.Tensor:

@@ -66,6 +66,13 @@ def test_explain_lists_every_replaced_block_and_op():
     assert "conv2d" in text and "requested" in text
 
 
+def test_explain_names_the_native_cpu_build():
+    text = str(fastres.explain(fastres.models.resnet18().eval(), torch.randn(1, 3, 32, 32)))
+    expect = (f"native kernels: CPU build {B.NATIVE_CPU_ISA}" if B.NATIVE_MISSING is None
+              else f"native kernels: unavailable ({B.NATIVE_MISSING})")
+    assert expect in text.splitlines()
+
+
 def test_explain_does_not_change_the_model():
     model = fastres.convert(torchvision.models.resnet18().train())
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -450,3 +450,40 @@ def test_cuda_kernels_compile_without_spills():
     spills = [(name, stack, local) for name, _, stack, local in usage if int(stack) or int(local)]
     assert not spills, spills
     assert max(int(u[1]) for u in usage) <= 255
+
+
+# ---- the CPU kernel builds (one per ISA) ----------------------------------------------------------
+def test_loaded_cpu_build_is_the_one_torch_runs_at():
+    """The CPU kernels come from the build matching torch's CPU capability, and from it alone:
+    two builds would register two CPU implementations of each op."""
+    import platform
+    import sys
+
+    from fastres import backend as B
+    assert B.NATIVE_CPU_ISA == B.cpu_kernel_isa(torch.backends.cpu.get_cpu_capability(), platform.machine())
+    assert [m for m in sys.modules if m.startswith("fastres._cpu_")] == [f"fastres._cpu_{B.NATIVE_CPU_ISA}"]
+
+
+def test_cpu_kernel_isa_follows_torchs_capability():
+    from fastres.backend import cpu_kernel_isa
+    assert cpu_kernel_isa("AVX512", "x86_64") == "avx512"
+    assert cpu_kernel_isa("AVX2", "x86_64") == "avx2"
+    assert cpu_kernel_isa("DEFAULT", "x86_64") is None  # the x86-64 builds need AVX2
+    assert cpu_kernel_isa("SVE256", "aarch64") == cpu_kernel_isa("DEFAULT", "aarch64") == "default"
+
+
+def test_avx2_build_passes_this_file():
+    """This file's checks on the AVX2 build as well, where this CPU runs the AVX-512 one: env
+    ATEN_CPU_CAPABILITY=avx2 lowers torch's capability, so the AVX2 build loads."""
+    import os
+    import subprocess
+    import sys
+
+    from fastres import backend as B
+    if B.NATIVE_CPU_ISA != "avx512":
+        pytest.skip(f"this process runs the {B.NATIVE_CPU_ISA} build; no other build runs on this CPU to check")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+                          "-k", "not avx2_build"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
