@@ -14,8 +14,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    import importlib
     if name == "models":  # builders import torchvision/timm; load them on first use
-        import importlib
         return importlib.import_module("fastres.models")
+    if name == "memory_report":  # loaded on use, so that `python -m fastres.memory` runs it fresh
+        return importlib.import_module("fastres.memory").memory_report
     raise AttributeError(f"module 'fastres' has no attribute {name!r}")
-from fastres.memory import memory_report  # noqa: F401,E402

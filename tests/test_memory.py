@@ -52,3 +52,14 @@ def test_table_rejects_bad_batch_sizes(batch, capsys):
         main(["--models", "resnet50", "--batch", batch])
     assert e.value.code == 2
     assert "--batch takes comma-separated batch sizes of at least 2" in capsys.readouterr().err
+
+
+def test_module_runs_without_a_double_import_warning():
+    """`python -m fastres.memory`, the README's command: importing fastres must not have loaded
+    fastres.memory already (runpy then warns that it runs a second copy)."""
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "fastres.memory", "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "usage: python -m fastres.memory" in run.stdout
