@@ -39,7 +39,7 @@ void bn_act_kernel(const Inputs& in, Tensor& y) {
   T* out = y.mutable_data_ptr<T>();
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C;
-    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<T>(L, t, [=](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       auto v = IO::load(x + i, n);
       auto s = IO::chan(scale + c, L.cl, j, n), b = IO::chan(shift + c, L.cl, j, n);
       typename IO::Pack rv;
@@ -84,7 +84,7 @@ void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& 
   // dL/dz for the step (i, j, n); xv holds x there when the activation is recomputed from it
   // (silu's z; the relu family's output, as the forward rounded it, when none was saved).
   const bool recompute = A != Act::Identity && (needs_input(A) || !y);
-  auto grad_z = [&](int64_t i, int64_t j, int64_t n, int64_t c, const Pack& xv) C10_ALWAYS_INLINE_ATTRIBUTE {
+  auto grad_z = [=](int64_t i, int64_t j, int64_t n, int64_t c, const Pack& xv) C10_ALWAYS_INLINE_ATTRIBUTE {
     Pack gz = IO::load(dy + i, n);
     if constexpr (A != Act::Identity) {
       if (recompute) {
@@ -112,7 +112,7 @@ void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& 
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C, row = t * L.width();
     TileSum<T> sum0(s0 ? s0 + row : nullptr, L.cl), sum1(s1 ? s1 + row : nullptr, L.cl);
-    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<T>(L, t, [=, &sum0, &sum1](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       Pack xv;
       if (load_x) xv = IO::load(x + i, n);
       Pack gz = grad_z(i, j, n, c, xv);
@@ -143,7 +143,7 @@ void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& 
   const T* gz_saved = masks_only(A) ? gres : nullptr;
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C;
-    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<T>(L, t, [=](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       Pack xv = IO::load(x + i, n);
       Pack gz = gz_saved ? IO::load(gz_saved + i, n) : grad_z(i, j, n, c, xv);
       auto s = IO::chan(scale + c, L.cl, j, n), m = IO::chan(mean + c, L.cl, j, n);
@@ -181,11 +181,11 @@ void batch_stats_kernel(const Inputs& in, TileStats& st) {
     const int64_t row = t * L.width();
     O* mean = st.mean.mutable_data_ptr<O>() + row;
     TileSum<T> sum(mean, L.cl), dev(st.dev.mutable_data_ptr<O>() + row, L.cl), sq(st.m2.mutable_data_ptr<O>() + row, L.cl);
-    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE { sum.add(IO::load(x + i, n), j, n); });
+    for_each_step<T>(L, t, [=, &sum](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE { sum.add(IO::load(x + i, n), j, n); });
     sum.finish();
     const O inv = O(1) / O(L.count(t));
     for (int64_t k = 0; k < L.width(); ++k) mean[k] *= inv;
-    for_each_step<T>(L, t, [&](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<T>(L, t, [=, &dev, &sq](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       auto d = IO::load(x + i, n), m = IO::chan(mean, L.cl, j, n);
       typename IO::Pack d2;
       for (int k = 0; k < IO::kParts; ++k) {

@@ -53,6 +53,9 @@ void for_each_tile(const Layout& L, F&& f) {
 
 // Calls f(i, j, n) over tile t in steps of at most Io<T>::kStep elements: n elements at flat
 // offset i, position j of their run (the NCHW plane, or the channels_last row, so j is the channel).
+// Kernels pass f capturing by value (but for the partial sums it adds to): the pointers and
+// sizes it reads are then copies that stay in registers. Captured by reference they are reloaded
+// through the closure at every step, which made bn_act_backward 1.5x slower.
 template <typename T, typename F>
 C10_ALWAYS_INLINE void for_each_step(const Layout& L, int64_t t, F&& f) {
   constexpr int64_t kStep = Io<T>::kStep;
