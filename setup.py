@@ -17,6 +17,9 @@ import torch  # noqa: E402
 from torch.utils import cpp_extension as ce  # noqa: E402
 
 
+# Host compiler flags of every extension (a tuple: torch's build appends to the lists it is given).
+CXX = ("-O3", "-std=c++20")
+
 # The CPU kernels are built once per instruction set, as ATen builds its own (at::vec::Vectorized
 # is only as wide as the ISA macros it is compiled with), each as its own module so that the two
 # builds of the same inline code never meet in one symbol table; fastres.backend loads the one
@@ -35,7 +38,7 @@ def cpu_isas() -> list[str]:
 def cpu_extension(isa: str):
     """fastres._cpu_<isa>: the CPU kernels of csrc/cpu. at::parallel_for is OpenMP inline code, so
     it needs -fopenmp (libgomp is the one torch loads)."""
-    flags = ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    flags = [*CXX, "-fopenmp", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     return ce.CppExtension(f"fastres._cpu_{isa}", sorted(glob.glob("csrc/cpu/*.cpp")),
                            extra_compile_args={"cxx": flags + CPU_ISA_FLAGS.get(isa, [])},
                            extra_link_args=["-fopenmp"])
@@ -46,14 +49,13 @@ def extension():
     sources = ["csrc/fastres.cpp"]
     cuda = (os.environ.get("FASTRES_NO_CUDA") != "1" and torch.version.cuda is not None
             and ce.CUDA_HOME is not None)
-    cxx = ["-O3", "-std=c++20"]
     if not cuda:
-        return ce.CppExtension("fastres._C", sources, extra_compile_args={"cxx": cxx})
+        return ce.CppExtension("fastres._C", sources, extra_compile_args={"cxx": list(CXX)})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return ce.CUDAExtension(
         "fastres._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("FASTRES_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]})
+        extra_compile_args={"cxx": list(CXX), "nvcc": [*CXX, "--use_fast_math"]})
 
 
 class BuildExtension(ce.BuildExtension):
