@@ -17,6 +17,8 @@ TORCH_LIBRARY(fastres_native, m) {
   m.def("se_gate_act(Tensor x, Tensor gate, Tensor? residual, str act) -> Tensor");
   m.def("se_gate_act_backward(Tensor grad, Tensor x, Tensor gate, Tensor? residual, Tensor? out, str act) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("residual_act_(Tensor(a!) out, Tensor residual, str act) -> ()");
+  m.def("split_add(Tensor x, Tensor y, Tensor(a!) slot) -> Tensor");
 }
 
 #ifdef FASTRES_WITH_CUDA

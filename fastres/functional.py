@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastres import backend as _backend
 from fastres.ops import ACTS  # noqa: F401
+from fastres.ops import reference as _reference
 
 _ops = torch.ops.fastres
 
@@ -119,6 +120,12 @@ def add_act(x: Tensor, residual: Tensor, *, act: str = "relu", backend: Optional
     return _ops.bn_act(x, None, None, None, None, residual, act, False, _b(backend))
 
 
+def split_add(x: Tensor, y: Tensor, slot: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """x + y, writing y into `slot` on the way (Res2Net's split add; no autograd: slot is written
+    in place, see fastres.ops.slices)."""
+    return _ops.split_add(x, y, slot, _b(backend))
+
+
 def se_gate_act(x: Tensor, gate: Tensor, *, residual: Optional[Tensor] = None, act: str = "identity",
                 backend: Optional[str] = None) -> Tensor:
     """act(x * sigmoid(gate) + residual), gate the (N, C) SE logits."""
@@ -160,7 +167,9 @@ def conv2d_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mea
                   act: str = "relu", residual: Optional[Tensor] = None, addend: Optional[Tensor] = None,
                   process_group=None, backend: Optional[str] = None) -> Tensor:
     """act(BN(conv(x + addend)) + residual). In eval BN is folded into the conv; in training the
-    batch statistics of the conv output are taken and BN-add-act runs as one elementwise pass."""
+    batch statistics of the conv output are taken and BN-add-act runs as one elementwise pass.
+    A residual of fewer channels than the conv's output goes onto its first channels: in eval in
+    the conv's epilogue, in training zero-extended for the BN pass."""
     if not training:
         mean, invstd = bn_stats(x, running_mean, running_var, False, momentum, eps)
         w, b = fold_bn(weight, bias, bn_weight, bn_bias, mean, invstd)
@@ -169,7 +178,8 @@ def conv2d_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mea
     y, stats = conv2d(x, weight, bias, stride, padding, dilation, groups, addend=addend, with_stats=True,
                       backend=backend)
     return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, act=act,
-                  residual=residual, process_group=process_group, stats=stats, backend=backend)
+                  residual=_reference.widen(residual, y.shape[1]), process_group=process_group, stats=stats,
+                  backend=backend)
 
 
 def conv2d_bn_add_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean, running_var,

@@ -167,7 +167,7 @@ def conv_rows(arch: int, dtypes=("bf16", "fp32"), variants: Optional[list] = Non
                 with offline_target(arch):
                     k = K.conv2d_kernel.warmup(
                         x, w, vec, vec, vec, x, out, out, 2, 16, 16, 16, 16, cg, 64 // groups, groups, gpt * cg, gpt * cg,
-                        *x.stride(), *x.stride(), *w.stride(), *out.stride(), *out.stride(),
+                        *x.stride(), *x.stride(), *w.stride(), *out.stride(), 64, *out.stride(),
                         1, 1, 1, 1, 1, 1, R=3, S=3, **flags, DOT_PRECISION=prec, DOT_UPCAST=False,
                         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C,
                         PACK_GROUPS=cfg.PACK_GROUPS, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -286,7 +286,7 @@ def depthwise_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
                 with offline_target(arch):
                     k = K.depthwise_conv2d_kernel.warmup(
                         x, w, vec, vec, vec, x, x, x, 2, 16, 16, 16, 16, 64, 1,
-                        *x.stride(), *x.stride(), w.stride(0), w.stride(2), w.stride(3), *x.stride(), *x.stride(),
+                        *x.stride(), *x.stride(), w.stride(0), w.stride(2), w.stride(3), *x.stride(), 64, *x.stride(),
                         1, 1, 1, 1, 1, 1, R=3, S=3, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C,
                         num_warps=cfg.num_warps, grid=(1,))
                 rows.append(_row("depthwise_conv2d", f"{dname} {vname}",

@@ -75,7 +75,7 @@ def conv2d_kernel(
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
     swk, swc, swr, sws,
-    srn, src, srh, srw,
+    srn, src, srh, srw, res_k,
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
@@ -93,7 +93,8 @@ def conv2d_kernel(
     bias_ptr    (G*KG,)             epilogue bias (HAS_BIAS), any float dtype, added in fp32
     pre_scale_ptr, pre_shift_ptr (G*CG,) fp32 prologue affine (HAS_PRE_SCALE / HAS_PRE_SHIFT)
     addend_ptr  (N, G*CG, H, W)     prologue addend (HAS_ADDEND), x's dtype, strides sa*
-    res_ptr     (N, G*KG, OH, OW)   epilogue residual (HAS_RESIDUAL), strides sr*
+    res_ptr     (N, res_k, OH, OW)  epilogue residual (HAS_RESIDUAL), strides sr*, added to the
+                                    first res_k <= G*KG output channels
     out_ptr     (N, G*KG, OH, OW)   output, strides so*
     CG, KG, G                       input and output channels per group, groups
     TILE_CG, TILE_KG                input and output channels of the groups one program computes:
@@ -185,16 +186,16 @@ def conv2d_kernel(
         else:
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
+    store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw, res_k,
                    son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, G * KG, STATS)
 
 
 @triton.jit
-def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
+def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw, res_k,
                    son, soc, soh, sow, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
                    stats_ptr, K, STATS: tl.constexpr):
     """out[n, k, oh, ow] = act(acc + bias[k] + residual[n, k, oh, ow]), cast to out's dtype: the
-    epilogue of every conv kernel. acc [BLOCK_M pixels, BLOCK_N channels] fp32; n int64. STATS:
+    epilogue of every conv kernel; the residual has res_k channels, zero beyond. acc [BLOCK_M pixels, BLOCK_N channels] fp32; n int64. STATS:
     also the (count, mean, M2) of this tile's rows of the stored out, per channel, into the
     (3, num_programs(0), K) partials at stats_ptr (row tile program_id(0))."""
     if HAS_BIAS:
@@ -203,7 +204,8 @@ def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, sr
     k64 = k.to(tl.int64)
     if HAS_RESIDUAL:
         r_pix = n * srn + oh.to(tl.int64) * srh + ow.to(tl.int64) * srw
-        acc += tl.load(res_ptr + (r_pix[:, None] + k64[None, :] * src), mask=out_ok, other=0.0).to(tl.float32)
+        r_ok = out_ok & (k < res_k)[None, :]
+        acc += tl.load(res_ptr + (r_pix[:, None] + k64[None, :] * src), mask=r_ok, other=0.0).to(tl.float32)
     acc = apply_act(acc, ACT)
     o_pix = n * son + oh.to(tl.int64) * soh + ow.to(tl.int64) * sow
     out = acc.to(out_ptr.dtype.element_ty)

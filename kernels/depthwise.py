@@ -40,7 +40,7 @@ def depthwise_conv2d_kernel(
     sxn, sxc, sxh, sxw,
     san, sac, sah, saw,
     swk, swr, sws,
-    srn, src, srh, srw,
+    srn, src, srh, srw, res_k,
     son, soc, soh, sow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr,
@@ -55,7 +55,8 @@ def depthwise_conv2d_kernel(
     bias_ptr    (K,)                epilogue bias (HAS_BIAS), any float dtype, added in fp32
     pre_scale_ptr, pre_shift_ptr (C,) fp32 prologue affine (HAS_PRE_SCALE / HAS_PRE_SHIFT)
     addend_ptr  (N, C, H, W)        prologue addend (HAS_ADDEND), x's dtype, strides sa*
-    res_ptr     (N, K, OH, OW)      epilogue residual (HAS_RESIDUAL), strides sr*
+    res_ptr     (N, res_k, OH, OW)  epilogue residual (HAS_RESIDUAL), strides sr*, added to the
+                                    first res_k <= K output channels
     out_ptr     (N, K, OH, OW)      output, strides so*
     MULT                            channel multiplier: output channel k reads input channel k // MULT
     stride_*, pad_*, dil_*          the convolution's geometry; R, S the filter size
@@ -106,7 +107,7 @@ def depthwise_conv2d_kernel(
         wt = tl.load(w_k + (r * swr + s * sws), mask=k_ok, other=0.0)                # [BLOCK_C]
         acc += a.to(tl.float32) * wt.to(tl.float32)[None, :]
 
-    store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw,
+    store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw, res_k,
                    son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, K, STATS)
 
 

@@ -128,6 +128,12 @@ def _take_scratch(t: Optional[Tensor]) -> bool:
     return True
 
 
+def runs_onednn(x: Tensor, conv: nn.Conv2d, backend: Optional[str]) -> bool:
+    """Whether `conv_bn` runs `conv` on x through oneDNN (given residual and addend it takes)."""
+    return (backend or _backend.get_backend()) in ("native", "auto") and conv.padding_mode == "zeros" \
+        and isinstance(conv.padding, tuple) and _conv.onednn_missing(x, conv.weight) is None
+
+
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], args: Optional[tuple], *, act: str,
             residual: Optional[Tensor], addend: Optional[Tensor], backend: Optional[str]) -> Optional[Tensor]:
     """act(bn(conv(x + addend)) + residual) from the cache (bn and args None: no BN), or None
@@ -136,14 +142,12 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], args: Optional[
     if e is None:
         return None
     name = backend or _backend.get_backend()
-    if name in ("native", "auto") and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) \
-            and _conv.onednn_missing(x, e.weight, addend, residual) is None \
-            and (residual is None or residual.dtype == x.dtype and list(residual.shape) == _conv.out_shape(
-                x, conv.weight, conv.stride, conv.padding, conv.dilation)):
+    if runs_onednn(x, conv, backend) and _conv.onednn_missing(x, e.weight, addend, residual) is None \
+            and _conv.residual_missing(residual, x, conv.weight, conv.stride, conv.padding, conv.dilation) is None:
         _backend._record("conv2d", "native", _WHY if name == "native" else "auto: " + _WHY)
         if addend is not None:
             x = x + addend
-        accumulate = _take_scratch(residual) and residual.is_contiguous(
+        accumulate = _take_scratch(residual) and residual.shape[1] == conv.out_channels and residual.is_contiguous(
             memory_format=torch.channels_last if _conv.is_channels_last(x) else torch.contiguous_format) \
             and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
         return _conv.conv2d_onednn(x, _prepacked(e, x, conv), e.bias, conv.stride, conv.padding, conv.dilation,
@@ -159,11 +163,10 @@ def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, args: tuple, *, pre_act: 
     (oneDNN has no input-side post-ops) and the conv from its cached prepacked weight, the BN of
     `post_args` folded in; None when this path cannot run (then the caller runs the public op)."""
     name = backend or _backend.get_backend()
-    if name not in ("native", "auto") or _backend.NATIVE_MISSING is not None or conv.padding_mode != "zeros" \
-            or not isinstance(conv.padding, tuple) or _conv.onednn_missing(x, conv.weight, residual) is not None:
+    if not runs_onednn(x, conv, backend) or _backend.NATIVE_MISSING is not None \
+            or _conv.onednn_missing(x, conv.weight, residual) is not None:
         return None
-    if residual is not None and (residual.dtype != x.dtype or list(residual.shape) != _conv.out_shape(
-            x, conv.weight, conv.stride, conv.padding, conv.dilation)):
+    if _conv.residual_missing(residual, x, conv.weight, conv.stride, conv.padding, conv.dilation) is not None:
         return None
     e = _entry(conv, post_args)
     if e is None:

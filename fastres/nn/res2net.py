@@ -2,8 +2,9 @@
 
 Eval: conv1-BN-ReLU is one fused op; each 3x3 split conv takes the hierarchical add x_i + y_{i-1}
 in its input load (the `addend` prologue) with BN-ReLU in its epilogue; conv3-BN runs with the
-residual add and ReLU (and the SE gate, when present) fused. Training stores only conv outputs:
-see `Bottle2neck._forward_train`.
+residual add and ReLU (and the SE gate, when present) fused. Where the convs run on oneDNN
+without autograd, the chain builds the concatenation in conv1's output instead: see
+`Bottle2neck._chain_in_place`. Training stores only conv outputs: see `Bottle2neck._forward_train`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from fastres.convert import adopt, rule
 from fastres import functional as F
+from fastres.nn.inference import runs_onednn
 from fastres.nn.norm_act import bn_act_pool, bn_prologue, check_input, conv, conv_bn, is_bn, pool_kind, shortcut
 from fastres.nn.resnet import bn_residual_relu, residual_branch
 from fastres.nn.se import SqueezeExcite, block_se
@@ -69,6 +71,8 @@ class Bottle2neck(nn.Module):
             return self._forward_train(x, identity)
         out = conv_bn(x, self.conv1, self.bn1, act="relu", backend=self.backend)
         spx = torch.split(out, self.width, 1)  # views, no copies
+        if self._in_place(x):
+            return residual_branch(self, self._chain_in_place(out, spx), [(self.conv3, self.bn3)], identity)
         spo: list[Tensor] = []
         for i, (conv_i, bn_i) in enumerate(zip(self.convs, self.bns)):
             addend = None if i == 0 or self.is_first else spo[-1]
@@ -77,6 +81,27 @@ class Bottle2neck(nn.Module):
             spo.append(spx[-1] if self.pool is None else self.pool(spx[-1]))
         out = torch.cat(spo, 1) if len(spo) > 1 else spo[0]
         return residual_branch(self, out, [(self.conv3, self.bn3)], identity)
+
+    def _in_place(self, x: Tensor) -> bool:
+        """Whether the eval chain may run in place: a chain of adds (not a stage's first block),
+        nothing recorded by autograd or traced, and convs on oneDNN, which take the sum
+        x_i + y_{i-1} materialised anyway (the triton conv forms it as it loads its input)."""
+        return not self.is_first and len(self.convs) > 1 and not torch.compiler.is_compiling() \
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))) \
+            and runs_onednn(x, self.convs[0], self.backend)
+
+    def _chain_in_place(self, out: Tensor, spx: tuple[Tensor, ...]) -> Tensor:
+        """The concatenation [y_1, ..., y_{s-1}, x_s] built in conv1's output `out`, without a cat:
+        x_i is read by split conv i alone, so y_i may take its slot afterwards. Each split add
+        forms the next conv's input x_i + y_{i-1} and writes y_{i-1} into slot i-1 in the same pass;
+        the last split passes through where it already is."""
+        b = self.backend
+        y = conv_bn(spx[0], self.convs[0], self.bns[0], act="relu", backend=b)
+        for i in range(1, len(self.convs)):
+            a = F.split_add(spx[i], y, spx[i - 1], backend=b)
+            y = conv_bn(a, self.convs[i], self.bns[i], act="relu", backend=b)
+        spx[len(self.convs) - 1].copy_(y)
+        return out
 
     def _forward_train(self, x: Tensor, identity: Tensor) -> Tensor:
         """Training: only conv outputs are stored. Every BN-ReLU is applied as the convs that

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch.nn as nn
-import torch.nn.functional as TF
 from torch import Tensor
 
 from fastres import functional as F
@@ -90,12 +89,9 @@ class LinearBottleneck(nn.Module):
         else:
             out = conv_bn(out, self.conv_dw.conv, self.conv_dw.bn, act="identity", backend=b)
             out = F.se_gate_act(out, self.se.gate_logits(out), act=self.dw_act, backend=b)
-        residual = None
-        if self.use_shortcut:
-            # zero-extended to out_channels so the add runs in the conv's epilogue
-            extra = self.out_channels - self.in_channels
-            residual = TF.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x
-        return conv_bn(out, self.conv_pwl.conv, self.conv_pwl.bn, act="identity", residual=residual, backend=b)
+        # the shortcut goes onto the first in_channels output channels, in the conv's epilogue
+        return conv_bn(out, self.conv_pwl.conv, self.conv_pwl.bn, act="identity",
+                       residual=x if self.use_shortcut else None, backend=b)
 
 
 def _timm_conv_norm_act(m: nn.Module, act: Optional[str]):

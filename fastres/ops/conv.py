@@ -6,6 +6,8 @@
     out = act(conv(a, weight) + bias + residual)   epilogue: folded BN, residual, activation
 
 Every prologue/epilogue input is optional. Padded pixels are zeros of `a` (after the prologue).
+The residual may have fewer channels than the output, C' <= K: it is added to the first C'
+channels (ReXNet's shortcut), as if zero-extended, without that zero-extended copy ever existing.
 The backward recomputes `a` from `x` instead of saving it.
 """
 from __future__ import annotations
@@ -36,12 +38,27 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
                      pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
 
 
+def _fits(residual: Tensor, shape: Sequence[int]) -> bool:
+    """A residual is (N, C', OH, OW): the output's shape, but at most its channels."""
+    return residual.dim() == 4 and residual.shape[0] == shape[0] and list(residual.shape[2:]) == list(shape[2:]) \
+        and residual.shape[1] <= shape[1]
+
+
+def check_residual(op: str, residual: Optional[Tensor], shape: Sequence[int]) -> None:
+    if residual is not None and not _fits(residual, shape):
+        raise ValueError(f"fastres.{op}: residual must be (N, C', OH, OW) = ({shape[0]}, C' <= {shape[1]}, "
+                         f"{shape[2]}, {shape[3]}), the output's shape with at most its channels, got "
+                         f"{tuple(residual.shape)}")
+
+
 def _dispatch(op: str, backend: str, x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias,
               pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act):
     """Check the arguments of conv2d / conv2d_stats and run the chosen backend's implementation."""
     check_act(pre_act)
     check_act(act)
     check_bn(op, x, pre_mean, pre_invstd, pre_training)
+    if x.dim() == 4 and weight.dim() == 4:
+        check_residual(op, residual, out_shape(x, weight, stride, padding, dilation))
     args = (x, weight, bias, list(stride), list(padding), list(dilation), groups, pre_weight,
             pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
     return B.choose(op, backend, x.device, args)(*args)
@@ -82,7 +99,7 @@ def _setup(ctx, inputs, output):
     (x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean, pre_invstd,
      pre_act, pre_training, addend, residual, act, backend) = inputs
     ctx.conf = (list(stride), list(padding), list(dilation), groups, pre_act, pre_training, act)
-    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.residual = (residual.dtype, residual.shape[1]) if residual is not None else None
     ctx.backend = backend
     # the epilogue's mask comes from the output (relu family) or, for silu, from a recomputed
     # pre-activation that needs the residual; nothing else of the epilogue is kept
@@ -106,8 +123,9 @@ def _backward(ctx, grad):
     result = [None] * 17
     for i, g in zip(_GRAD_INPUTS, grads):
         result[i] = g
-    if result[14] is not None:
-        result[14] = result[14].to(ctx.residual_dtype)
+    if result[14] is not None:   # the grad of the output channels the residual was added to
+        dtype, channels = ctx.residual
+        result[14] = result[14][:, :channels].to(dtype)
     return tuple(result)
 
 
@@ -228,11 +246,16 @@ def conv2d_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seq
                   residual: Optional[Tensor], act: str, *, accumulate: bool = False) -> Tensor:
     """act(conv(x, weight) + bias + residual) as one oneDNN primitive; `weight` dense or prepacked.
     With `accumulate` the result is written into `residual` (which the caller must own) and
-    returned."""
+    returned. A residual of fewer channels than the output (see `residual_missing`) is added,
+    with the activation, by the native residual_act_ kernel in one pass after the convolution."""
     attr, scalars = _ONEDNN_ACT[act]
     mk = torch.ops.mkldnn
     if residual is None:
         return mk._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, attr, scalars, "")
+    if residual.shape[1] != weight.shape[0]:
+        y = mk._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, "none", [], "")
+        torch.ops.fastres_native.residual_act_(y, residual, act)
+        return y
     # after a binary add torch's wrapper fuses ReLU only; where it declines the fusion (bf16 with
     # groups or a non-channels_last operand) it falls back to ATen's add_relu, which has no bf16
     # kernel. Other activations, and ReLU in those cases, follow in place.
@@ -255,6 +278,22 @@ def conv2d_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seq
     return y
 
 
+def residual_missing(residual: Optional[Tensor], x: Tensor, weight: Tensor, stride, padding,
+                     dilation) -> Optional[str]:
+    """Why conv2d_onednn cannot add this residual, or None."""
+    if residual is None:
+        return None
+    shape = out_shape(x, weight, stride, padding, dilation)
+    if residual.dtype != x.dtype:
+        return f"residual dtype {residual.dtype} differs from the input's ({x.dtype})"
+    if not _fits(residual, shape):
+        return f"residual {tuple(residual.shape)} does not fit the output {tuple(shape)}"
+    if residual.shape[1] < shape[1] and B.NATIVE_MISSING is not None:
+        return f"a residual of {residual.shape[1]} of the {shape[1]} channels needs the native kernels: " \
+               f"{B.NATIVE_MISSING}"
+    return None
+
+
 def materialise_prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd, pre_act: str) -> Tensor:
     """a = pre_act(BN(x)) + addend in native passes (the identity prologue returns x itself)."""
     if not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity"):
@@ -268,12 +307,7 @@ def _conv2d_native_supports(x, weight, bias, stride, padding, dilation, groups, 
     bn_prologue = any(t is not None for t in (pre_weight, pre_bias, pre_mean, pre_invstd)) or pre_act != "identity"
     if why is None and bn_prologue and B.NATIVE_MISSING is not None:
         why = f"the BN-act prologue needs the native bn_act kernel: {B.NATIVE_MISSING}"
-    if why is None and residual is not None:
-        shape = out_shape(x, weight, stride, padding, dilation)
-        if list(residual.shape) != shape or residual.dtype != x.dtype:
-            why = (f"residual {tuple(residual.shape)} {residual.dtype} does not match the output "
-                   f"{tuple(shape)} {x.dtype}")
-    return why
+    return why or residual_missing(residual, x, weight, stride, padding, dilation)
 
 
 def _conv2d_stats_native_supports(*args):
@@ -311,8 +345,6 @@ def _triton_conv2d_supports(x, weight, bias, stride, padding, dilation, groups, 
     shape = out_shape(x, weight, stride, padding, dilation)
     if min(shape) <= 0:
         return f"empty output {tuple(shape)}"
-    if residual is not None and list(residual.shape) != shape:
-        return f"residual {tuple(residual.shape)} does not match the output {tuple(shape)}"
     return None
 
 
@@ -351,6 +383,7 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
             triton.cdiv(groups, gpt))
     part = torch.empty((3, grid[0], k), dtype=torch.float32, device=x.device) if stats else None
     zero4 = (0, 0, 0, 0)
+    res_k = residual.shape[1] if residual is not None else 0
     with triton_device(x):
         K.conv2d_kernel[grid](
             x, weight, bias if bias is not None else x, scale if scale is not None else x,
@@ -358,7 +391,7 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
             residual if residual is not None else x, out,
             n, h, w, shape[2], shape[3], cg, kg, groups, gpt * cg, gpt * kg,
             *x.stride(), *(addend.stride() if addend is not None else zero4), *weight.stride(),
-            *(residual.stride() if residual is not None else zero4), *out.stride(),
+            *(residual.stride() if residual is not None else zero4), res_k, *out.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             R=r, S=s, HAS_ADDEND=addend is not None, HAS_PRE_SCALE=scale is not None,
             HAS_PRE_SHIFT=shift is not None, PRE_ACT=K.ACTS[pre_act], HAS_BIAS=bias is not None,
@@ -392,6 +425,7 @@ def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weig
     grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(k, cfg.BLOCK_C))
     part = torch.empty((3, grid[0], k), dtype=torch.float32, device=x.device) if stats else None
     zero4 = (0, 0, 0, 0)
+    res_k = residual.shape[1] if residual is not None else 0
     with triton_device(x):
         D.depthwise_conv2d_kernel[grid](
             x, weight, bias if bias is not None else x, scale if scale is not None else x,
@@ -400,7 +434,7 @@ def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weig
             n, h, w, shape[2], shape[3], k, k // c,
             *x.stride(), *(addend.stride() if addend is not None else zero4),
             weight.stride(0), weight.stride(2), weight.stride(3),
-            *(residual.stride() if residual is not None else zero4), *out.stride(),
+            *(residual.stride() if residual is not None else zero4), res_k, *out.stride(),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             R=r, S=s, HAS_ADDEND=addend is not None, HAS_PRE_SCALE=scale is not None,
             HAS_PRE_SHIFT=shift is not None, PRE_ACT=ACTS[pre_act], HAS_BIAS=bias is not None,

@@ -164,6 +164,13 @@ def prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd,
     return (a if addend is None else a + addend), z
 
 
+def widen(residual: Optional[Tensor], channels: int) -> Optional[Tensor]:
+    """A residual of fewer channels than the conv output, zero-extended to `channels`."""
+    if residual is None or residual.shape[1] == channels:
+        return residual
+    return F.pad(residual, (0, 0, 0, 0, 0, channels - residual.shape[1]))
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
            padding: Sequence[int], dilation: Sequence[int], groups: int,
            pre_weight, pre_bias, pre_mean, pre_invstd, pre_act: str, pre_training: bool,
@@ -172,19 +179,21 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
     y = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
     if residual is None and act == "identity":
         return y
-    return bn_act(y, None, None, None, None, residual, act)
+    return bn_act(y, None, None, None, None, widen(residual, y.shape[1]), act)
 
 
 def conv2d_backward(grad: Tensor, out: Optional[Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
                     stride, padding, dilation, groups: int, pre_weight, pre_bias, pre_mean,
                     pre_invstd, pre_act: str, pre_training: bool, addend, residual, act: str,
                     needs: Sequence[bool]):
-    """Grads of (x, weight, bias, pre_weight, pre_bias, addend, residual), None where not needed.
+    """Grads of (x, weight, bias, pre_weight, pre_bias, addend, residual), None where not needed;
+    the residual's covers every output channel (the caller keeps those it was added to).
     The prologue's activation is recomputed from x; the epilogue's mask comes from `out`."""
     nx, nw, nb, npw, npb, nadd, nres = needs
     a, z = prologue(x, addend, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act)
     if act == "silu":  # silu' needs the conv output: recompute it (only eval-mode BN with grads)
-        zc = bn_pre(F.conv2d(a, weight, bias, stride, padding, dilation, groups), None, None, None, None, residual)
+        zc = F.conv2d(a, weight, bias, stride, padding, dilation, groups)
+        zc = bn_pre(zc, None, None, None, None, widen(residual, zc.shape[1]))
         gz = act_backward(_acc(grad), act, z=zc)
     else:
         gz = act_backward(_acc(grad), act, y=out)

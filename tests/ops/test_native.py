@@ -420,7 +420,8 @@ def test_opcheck_schema(cl):
     opcheck(native.batch_stats.default, (x,), test_utils=utils)
 
 
-@pytest.mark.parametrize("op", ["bn_act", "bn_act_backward", "batch_stats", "se_gate_act", "se_gate_act_backward"])
+@pytest.mark.parametrize("op", ["bn_act", "bn_act_backward", "batch_stats", "se_gate_act",
+                                "se_gate_act_backward", "residual_act_", "split_add"])
 def test_built_with_cuda_says_which_kernels_exist(op):
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has(f"fastres_native::{op}", "CPU")
@@ -445,7 +446,7 @@ def test_cuda_kernels_compile_without_spills():
     usage = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
     names = " ".join(u[0] for u in usage)
     for kernel in ("bn_act_kernel", "bn_act_reduce_kernel", "batch_stats_kernel", "se_gate_act_kernel",
-                   "se_gate_grad_kernel"):
+                   "se_gate_grad_kernel", "residual_act_kernel", "split_add_kernel"):
         assert kernel in names, f"{kernel} missing from the CUDA build"
     spills = [(name, stack, local) for name, _, stack, local in usage if int(stack) or int(local)]
     assert not spills, spills

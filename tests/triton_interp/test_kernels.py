@@ -76,7 +76,8 @@ ALL = dict(pre="bn", pre_act="relu", addend=True, bias=True, residual=True, act=
 def conv_args(geom, dtype, *, pre=None, pre_act="identity", pre_training=False, addend=False,
               bias=False, residual=False, act="identity", x_cl=True, w_cl=True):
     """Positional args of ops.conv2d (without the backend). pre: None, 'bn' (all four BN tensors),
-    or a subset of 'w', 'b', 'm' (mean and invstd)."""
+    or a subset of 'w', 'b', 'm' (mean and invstd). residual "partial": on the first 2/3 of the
+    output channels, ReXNet's shortcut."""
     n, c, h, w, k, (r, s), stride, padding, dilation, groups = geom
     fmt = (lambda t: t.to(memory_format=CL))
     x = torch.randn(n, c, h, w).to(dtype)
@@ -93,7 +94,7 @@ def conv_args(geom, dtype, *, pre=None, pre_act="identity", pre_training=False, 
     add = torch.randn_like(x) if addend else None
     oh = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    res = torch.randn(n, k, oh, ow).to(dtype) if residual else None
+    res = torch.randn(n, k * 2 // 3 if residual == "partial" else k, oh, ow).to(dtype) if residual else None
     if res is not None and x_cl:
         res = fmt(res)
     b = torch.randn(k).to(dtype) if bias else None
@@ -134,6 +135,7 @@ FUSIONS = {
     "bias": dict(bias=True),
     "residual": dict(residual=True),
     "bias_residual": dict(bias=True, residual=True, act="relu"),
+    "partial_residual": dict(bias=True, residual="partial", act="relu6"),
     **{f"pre_act_{a}": dict(pre="bn", pre_act=a) for a in ACTS},
     **{f"act_{a}": dict(bias=True, act=a) for a in ACTS},
 }
