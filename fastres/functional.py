@@ -211,6 +211,28 @@ def split_channels(pre: dict, size: int, count: int) -> list[dict]:
     return [{k: split[k][i] if k in split else v for k, v in pre.items()} for i in range(count)]
 
 
+def cat_conv2d_stats(parts: list[Tensor], pres: list[Optional[dict]], weight: Tensor, bias: Optional[Tensor] = None,
+                     stride=1, padding=0, dilation=1, groups: int = 1, *, pre_act: str = "relu",
+                     backend: Optional[str] = None) -> tuple[Tensor, Stats]:
+    """conv(cat_i(pre_act(BN_i(parts[i])))) + bias and its batch statistics, pres[i] a `bn_prologue`
+    of parts[i] (its `split_channels` share) or None; the concatenation is formed for the forward
+    and again in the backward, never kept (see fastres.ops.cat_conv)."""
+    def joined(key: str, fill: float) -> Optional[Tensor]:
+        """The parts' vectors `key` end to end, `fill` for a part without one."""
+        like = next((p[key] for p in pres if p is not None and p[key] is not None), None)
+        if like is None:
+            return None
+        return torch.cat([p[key] if p is not None and p[key] is not None
+                          else torch.full((x.shape[1],), fill, dtype=like.dtype, device=like.device)
+                          for x, p in zip(parts, pres)])
+    y, mean, var = _ops.cat_conv2d_stats(
+        parts, joined("pre_weight", 1.0), joined("pre_bias", 0.0), joined("pre_mean", 0.0),
+        joined("pre_invstd", 1.0), pre_act, [p is not None for p in pres],
+        [p is not None and p["pre_training"] for p in pres], weight, bias, _pair(stride), _pair(padding),
+        _pair(dilation), groups, _b(backend))
+    return y, (mean, var)
+
+
 def bn_act_from(x: Tensor, pre: dict, *, act: str = "relu", residual: Optional[Tensor] = None,
                 backend: Optional[str] = None) -> Tensor:
     """act(BN(x) + residual) with the BN arguments of a `bn_prologue` of `x`."""

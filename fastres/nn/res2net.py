@@ -106,19 +106,17 @@ class Bottle2neck(nn.Module):
     def _forward_train(self, x: Tensor, identity: Tensor) -> Tensor:
         """Training: only conv outputs are stored. Every BN-ReLU is applied as the convs that
         read it load their input (split i reads relu(bn1(conv1(x)))_i in its prologue, plus
-        y_{i-1} as the addend); conv3 runs as a sum of 1x1 convs over the splits, each loading
-        relu(bn_i(c_i)) from its split's conv output, so the concatenation never exists. Only
-        the y_{i-1} addends (and the first block's pooled split) are materialised. Each conv hands
-        its output's batch statistics to the BN after it."""
+        y_{i-1} as the addend); conv3 runs as one conv over the concatenation of the splits'
+        relu(bn_i(c_i)), which `cat_conv2d_stats` forms for the forward and again in the backward,
+        never keeping it. Only the y_{i-1} addends (and the first block's pooled split) are
+        materialised. Each conv hands its output's batch statistics to the BN after it."""
         b, w = self.backend, self.width
         c1, stats = conv(x, self.conv1, with_stats=True, backend=b)
         p1 = bn_prologue(c1, self.bn1, stats=stats, backend=b)
         parts: list[tuple[Tensor, Optional[dict]]] = []  # conv3's input per split: (tensor, BN-ReLU or None)
-        # views of c1, its BN's vectors and conv3's weight per split; the gradients of each are
-        # put together by one cat
+        # views of c1 and its BN's vectors per split; the gradients of each are put together by one cat
         spx = torch.split(c1, w, 1)
         pre = F.split_channels(p1, w, self.scale)
-        w3 = torch.split(self.conv3.weight, w, 1)
         y = None
         for i, (conv_i, bn_i) in enumerate(zip(self.convs, self.bns)):
             c, stats = conv(spx[i], conv_i, pre=pre[i], addend=y, with_stats=True, backend=b)
@@ -133,11 +131,9 @@ class Bottle2neck(nn.Module):
                 parts.append((bn_act_pool(spx[-1], pre[-1], self.pool, backend=b), None))
             else:
                 parts.append((self.pool(F.bn_act_from(spx[-1], pre[-1], backend=b)), None))
-        out = None
-        for j, (t, p) in enumerate(parts):   # the last one's statistics are those of the whole sum
-            out = conv(t, self.conv3, pre=p, weight=w3[j], bias=j == 0,
-                       residual=out, with_stats=j == len(parts) - 1, backend=b)
-        out, stats = out
+        c3 = self.conv3
+        out, stats = F.cat_conv2d_stats([t for t, _ in parts], [p for _, p in parts], c3.weight, c3.bias,
+                                        c3.stride, c3.padding, c3.dilation, c3.groups, backend=b)
         return bn_residual_relu(self, out, self.bn3, identity, stats)
 
 

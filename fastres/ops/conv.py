@@ -143,7 +143,7 @@ def _backward_ops(grad, out, x, weight, bias, stride, padding, dilation, groups,
     if act != "identity":  # relu / relu6: the mask is read from the saved output
         gz = bn_act_backward(grad, out, None, None, None, None, None, out, act, False,
                              [True, False, False, False], backend)[0]
-    gb = gz.sum((0, 2, 3), dtype=torch.float32).to(bias.dtype) if nb else None
+    gb = gz.sum((0, 2, 3), dtype=ref.acc_dtype(gz.dtype)).to(bias.dtype) if nb else None
     prologue = not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity")
     a_act = bn_act(x, pw, pb, pmean, pinvstd, None, pre_act, pre_training, backend) if prologue else x
     a = a_act if addend is None else a_act + addend

@@ -15,9 +15,14 @@ from torch import Tensor
 ACTS = ("identity", "relu", "relu6", "silu")
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of `dtype`: fp32 for half types, else itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _acc(t: Tensor) -> Tensor:
     """The tensor in its accumulation dtype (fp32 for half types)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.to(acc_dtype(t.dtype))
 
 
 def _chan(v: Tensor, ref: Tensor) -> Tensor:
@@ -59,7 +64,7 @@ def act_backward(g: Tensor, act: str, *, z: Optional[Tensor] = None, y: Optional
 def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                 invstd: Optional[Tensor], x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Per-channel (scale, shift) with z = x * scale + shift, in x's accumulation dtype."""
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # no copy of x
+    acc = acc_dtype(x.dtype)  # no copy of x
     scale = invstd.to(acc) if invstd is not None else None
     if weight is not None:
         scale = weight.to(acc) if scale is None else scale * weight.to(acc)

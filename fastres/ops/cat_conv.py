@@ -1,0 +1,205 @@
+"""A convolution of a concatenation whose parts each carry their own BN-act prologue, with the
+output's batch statistics, for training (Res2Net's conv3 over its splits):
+
+    a   = cat_i(pre_act(BN_i(parts[i])))    parts (N, C_i, H, W); a part whose four BN tensors
+                                            are None goes in as it is
+    out = conv(a, weight) + bias            and out's per-channel (mean, biased variance)
+
+`a` is never kept: the backward recomputes it from the parts (which the prologues' backward
+reads anyway), runs one convolution_backward over all channels, and the BN-act backward of each
+part on its channels of the input gradient. So training stores what a sum of per-part convs
+stores, with one convolution in each direction instead of one per part.
+
+Native (CPU): `a` is formed in native bn_act passes and one cat, then one oneDNN convolution
+(oneDNN takes no input-side prologue). Triton: a sum of per-part convs, each part's prologue
+applied as its conv loads it and the running sum added in the next conv's epilogue, so `a` never
+exists; the last conv's epilogue gives the statistics.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastres import backend as B
+from fastres.ops import reference as ref
+from fastres.ops.bn_act import check_act
+from fastres.ops.conv import _conv2d_fake
+
+
+def _check(parts, pre_vectors, prologue, pre_training, weight, groups) -> None:
+    n = len(parts)
+    if n == 0:
+        raise ValueError("fastres.cat_conv2d_stats: needs at least one part")
+    if len(prologue) != n or len(pre_training) != n:
+        raise ValueError(f"fastres.cat_conv2d_stats: prologue and pre_training need one entry per part ({n}), got "
+                         f"{len(prologue)} and {len(pre_training)}")
+    p0 = parts[0]
+    for i, p in enumerate(parts):
+        if p.dim() != 4 or p.shape[0] != p0.shape[0] or p.shape[2:] != p0.shape[2:] or p.dtype != p0.dtype \
+                or p.device != p0.device:
+            raise ValueError(f"fastres.cat_conv2d_stats: part {i} must be (N, C_i, H, W) = ({p0.shape[0]}, *, "
+                             f"{p0.shape[2]}, {p0.shape[3]}) of dtype {p0.dtype} on {p0.device}, got "
+                             f"{tuple(p.shape)} {p.dtype} on {p.device}")
+    channels = sum(p.shape[1] for p in parts)
+    for name, v in zip(("pre_weight", "pre_bias", "pre_mean", "pre_invstd"), pre_vectors):
+        if v is not None and v.shape != (channels,):
+            raise ValueError(f"fastres.cat_conv2d_stats: {name} must have one value per channel of the parts "
+                             f"({channels},), got {tuple(v.shape)}")
+    if any(t and p for t, p in zip(pre_training, prologue)) and (pre_vectors[2] is None or pre_vectors[3] is None):
+        raise ValueError("fastres.cat_conv2d_stats: pre_training=True needs the batch mean and invstd")
+    if weight.dim() != 4 or weight.shape[1] * groups != channels:
+        raise ValueError(f"fastres.cat_conv2d_stats: weight must be (K, C/groups, R, S) with C = {channels} (the "
+                         f"parts' channels), groups = {groups}; got {tuple(weight.shape)}")
+
+
+@torch.library.custom_op("fastres::cat_conv2d_stats", mutates_args=())
+def cat_conv2d_stats(parts: Sequence[Tensor], pre_weight: Optional[Tensor], pre_bias: Optional[Tensor],
+                     pre_mean: Optional[Tensor], pre_invstd: Optional[Tensor], pre_act: str,
+                     prologue: Sequence[bool], pre_training: Sequence[bool], weight: Tensor, bias: Optional[Tensor],
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """pre_*: per-channel vectors over the parts' channels in order (entries of a part without a
+    prologue are not read); prologue[i]: whether part i gets its BN-act."""
+    check_act(pre_act)
+    _check(parts, (pre_weight, pre_bias, pre_mean, pre_invstd), prologue, pre_training, weight, groups)
+    args = (list(parts), pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, list(prologue), list(pre_training),
+            weight, bias, list(stride), list(padding), list(dilation), groups)
+    return B.choose("cat_conv2d_stats", backend, parts[0].device, args)(*args)
+
+
+@cat_conv2d_stats.register_fake
+def _(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training, weight, bias, stride,
+      padding, dilation, groups, backend):
+    x = parts[0]
+    out = _conv2d_fake(x, weight, bias, stride, padding, dilation, groups, *([None] * 4), "identity", False,
+                       None, None, "identity", backend)
+    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return out, x.new_empty(weight.shape[0], dtype=dt), x.new_empty(weight.shape[0], dtype=dt)
+
+
+def _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training):
+    """Per part: its (x, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, pre_training) conv2d
+    prologue arguments, the vectors cut to its channels (all None, identity, without a prologue)."""
+    sizes = [p.shape[1] for p in parts]
+    cut = [torch.split(v, sizes) if v is not None else [None] * len(parts)
+           for v in (pre_weight, pre_bias, pre_mean, pre_invstd)]
+    for i, x in enumerate(parts):
+        if prologue[i]:
+            yield (x, *(c[i] for c in cut), pre_act, pre_training[i])
+        else:
+            yield x, None, None, None, None, "identity", False
+
+
+def _input(backend: str, *prologue_args) -> Tensor:
+    """a = cat_i(pre_act(BN_i(part_i))), each part's BN-act the bn_act op's on `backend`."""
+    from fastres.ops.bn_act import bn_act
+    acts = [x if act == "identity" and w is None and b is None and m is None and s is None
+            else bn_act(x, w, b, m, s, None, act, False, backend)
+            for x, w, b, m, s, act, _ in _prologues(*prologue_args)]
+    return torch.cat(acts, 1) if len(acts) > 1 else acts[0]
+
+
+def _setup(ctx, inputs, output):
+    (parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training, weight, bias, stride,
+     padding, dilation, groups, backend) = inputs
+    ctx.conf = (len(parts), pre_act, list(prologue), list(pre_training), list(stride), list(padding),
+                list(dilation), groups, backend)
+    ctx.save_for_backward(*parts, pre_weight, pre_bias, pre_mean, pre_invstd, weight, bias)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad, gmean, gvar):
+    """One convolution_backward over the recomputed concatenation, then each part's BN-act
+    backward on its channels of the input gradient (with the batch statistics' terms)."""
+    from fastres.ops.bn_act import bn_act_backward
+    n, pre_act, prologue, pre_training, stride, padding, dilation, groups, backend = ctx.conf
+    saved = ctx.saved_tensors
+    parts, (pw, pb, pm, pi, weight, bias) = list(saved[:n]), saved[n:]
+    if not all(t for t, p in zip(pre_training, prologue) if p) and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+        raise RuntimeError("fastres.cat_conv2d_stats: gradients w.r.t. pre_mean/pre_invstd in eval mode are not "
+                           "supported; fold them into pre_weight/pre_bias")
+    args = (parts, pw, pb, pm, pi, pre_act, prologue, pre_training)
+    a = _input(backend, *args)
+    ga, gw, _ = torch.ops.aten.convolution_backward(grad, a, weight, None, stride, padding, dilation, False,
+                                                    [0, 0], groups, [True, ctx.needs_input_grad[8], False])
+    gb = grad.sum((0, 2, 3), dtype=ref.acc_dtype(grad.dtype)).to(bias.dtype) \
+        if bias is not None and ctx.needs_input_grad[9] else None
+    gparts, gpw, gpb = [], [], []
+    for ga_i, (x, w, b, m, s, act, training) in zip(torch.split(ga, [p.shape[1] for p in parts], 1),
+                                                     _prologues(*args)):
+        if act == "identity" and w is None and b is None and m is None and s is None:
+            gparts.append(ga_i)
+            gpw.append(torch.zeros(x.shape[1], dtype=pw.dtype, device=x.device) if pw is not None else None)
+            gpb.append(torch.zeros(x.shape[1], dtype=pb.dtype, device=x.device) if pb is not None else None)
+            continue
+        gx, _, gw_i, gb_i = bn_act_backward(ga_i, x, w, b, m, s, None, None, act, training,
+                                            [True, False, w is not None, b is not None], backend)
+        gparts.append(gx)
+        gpw.append(gw_i)
+        gpb.append(gb_i)
+    gpw = torch.cat(gpw) if pw is not None and ctx.needs_input_grad[1] else None
+    gpb = torch.cat(gpb) if pb is not None and ctx.needs_input_grad[2] else None
+    return gparts, gpw, gpb, None, None, None, None, None, gw, gb, None, None, None, None, None
+
+
+cat_conv2d_stats.register_autograd(_backward, setup_context=_setup)
+
+
+def _composed(backend: str):
+    """a in `backend`'s BN-act passes and one cat, then its conv2d_stats of a."""
+    def run(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training, weight, bias,
+            stride, padding, dilation, groups):
+        a = _input(backend, parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training)
+        args = (a, weight, bias, stride, padding, dilation, groups, None, None, None, None, "identity", False,
+                None, None, "identity")
+        return B._TABLES["conv2d_stats"][backend].fn(*args)
+    return run
+
+
+B.register("cat_conv2d_stats", "reference")(_composed("reference"))
+
+
+def _native_supports(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training, weight,
+                     bias, stride, padding, dilation, groups):
+    from fastres.ops.conv import _conv2d_stats_native_supports
+    if B.NATIVE_MISSING is not None:
+        return f"the BN-act passes and statistics need the native kernels: {B.NATIVE_MISSING}"
+    return _conv2d_stats_native_supports(parts[0], weight, bias, stride, padding, dilation, groups, None, None,
+                                         None, None, "identity", False, None, None, "identity")
+
+
+B.register("cat_conv2d_stats", "native", supports=_native_supports, kernel=False)(_composed("native"))
+
+
+def _weight_parts(parts, weight):
+    return torch.split(weight, [p.shape[1] for p in parts], 1)
+
+
+def _triton_supports(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training, weight,
+                     bias, stride, padding, dilation, groups):
+    from fastres.ops.conv import _triton_conv2d_supports
+    if groups != 1:
+        return f"a sum of per-part convs needs groups == 1 (groups is {groups})"
+    for (x, w, b, m, s, act, training), w_i in zip(_prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd,
+                                                              pre_act, prologue, pre_training),
+                                                   _weight_parts(parts, weight)):
+        why = _triton_conv2d_supports(x, w_i, bias, stride, padding, dilation, 1, w, b, m, s, act, training, None,
+                                      None, "identity")
+        if why is not None:
+            return why
+    return None
+
+
+@B.register("cat_conv2d_stats", "triton", supports=_triton_supports)
+def _cat_conv2d_stats_triton(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training,
+                             weight, bias, stride, padding, dilation, groups):
+    from fastres.ops.conv import conv2d_triton
+    out = None
+    steps = list(zip(_prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training),
+                     _weight_parts(parts, weight)))
+    for j, ((x, w, b, m, s, act, training), w_j) in enumerate(steps):
+        out = conv2d_triton(x, w_j, bias if j == 0 else None, stride, padding, dilation, 1, w, b, m, s, act,
+                            training, None, out, "identity", stats=j == len(steps) - 1)
+    return out

@@ -1,0 +1,69 @@
+"""The triton backend of cat_conv2d_stats on CPU under TRITON_INTERPRET=1: a sum of per-part convs
+(each part's BN-act in its conv's input load, the running sum in the next conv's epilogue, the
+statistics from the last one) equals the reference's conv of the concatenation, forward (against
+float64) and backward, fp32 and bf16. Run by tests/ops/test_triton.py in a subprocess (see
+conftest.py)."""
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 for the whole process (run via tests/ops/test_triton.py)",
+                allow_module_level=True)
+
+import torch  # noqa: E402
+from torch.library import opcheck  # noqa: E402
+
+from fastres import backend as B  # noqa: E402
+from tests.utils import assert_as_accurate, assert_close  # noqa: E402
+
+CL = torch.channels_last
+IDS = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def args_of(dtype, sizes=(13, 13, 13, 13), prologue=(True, True, True, False), k=50):
+    """Res2Net-like: four parts, the last without BN (a first block's pooled split)."""
+    parts = [torch.randn(2, c, 6, 5).to(memory_format=CL).to(dtype) for c in sizes]
+    c = sum(sizes)
+    stats = [torch.var_mean(p.float(), (0, 2, 3), correction=0) for p in parts]
+    pm = torch.cat([m for _, m in stats])
+    pi = torch.cat([torch.rsqrt(v + 1e-5) for v, _ in stats])
+    w = (torch.randn(k, c, 1, 1) * c ** -0.5).to(memory_format=CL).to(dtype)
+    return [parts, torch.rand(c) + 0.5, torch.randn(c), pm, pi, "relu", list(prologue), [True] * len(sizes), w,
+            torch.randn(k).to(dtype), [1, 1], [0, 0], [1, 1], 1]
+
+
+def _f64(args):
+    return [[p.double() for p in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+            else a.double() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=IDS.get)
+@pytest.mark.parametrize("prologue", [(True, True, True, False), (True, True, True, True)], ids=["pooled", "all"])
+def test_forward(prologue, dtype):
+    args = args_of(dtype, prologue=prologue)
+    with B.recording() as rec:
+        got = torch.ops.fastres.cat_conv2d_stats(*args, "triton")
+    assert rec and {r[2] for r in rec} == {"triton"}, rec
+    oracle = torch.ops.fastres.cat_conv2d_stats(*_f64(args), "reference")
+    eager = torch.ops.fastres.cat_conv2d_stats(*args, "reference")
+    for name, a, o, e in zip(("out", "mean", "var"), got, oracle, eager):
+        if dtype == torch.float32:
+            assert_close(a, o, dtype=dtype, reduced=2 * 30, name=name)
+        else:
+            assert_as_accurate(a, e, o, dtype=dtype, name=name)
+
+
+def test_backward_matches_reference():
+    args = args_of(torch.float32)
+    leaves = [*args[0], args[1], args[2], args[8], args[9]]
+    for t in leaves:
+        t.requires_grad_()
+    got, want = (torch.ops.fastres.cat_conv2d_stats(*args, b)[0] for b in ("triton", "reference"))
+    g = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+        assert_close(a, e, reduced=2 * 30 * 52)
+
+
+def test_opcheck():
+    opcheck(torch.ops.fastres.cat_conv2d_stats.default, (*args_of(torch.float32), "triton"))
