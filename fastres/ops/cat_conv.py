@@ -1,8 +1,9 @@
 """A convolution of a concatenation whose parts each carry their own BN-act prologue, with the
 output's batch statistics, for training (Res2Net's conv3 over its splits):
 
-    a   = cat_i(pre_act(BN_i(parts[i])))    parts (N, C_i, H, W); a part whose four BN tensors
-                                            are None goes in as it is
+    a   = cat_i(pre_act(BN_i(parts[i])))    parts (N, C_i, H, W); the BN vectors run over all
+                                            C = sum C_i channels; a part with prologue[i] False
+                                            goes in as it is
     out = conv(a, weight) + bias            and out's per-channel (mean, biased variance)
 
 `a` is never kept: the backward recomputes it from the parts (which the prologues' backward
