@@ -96,8 +96,7 @@ def _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prolo
 def _input(backend: str, *prologue_args) -> Tensor:
     """a = cat_i(pre_act(BN_i(part_i))), each part's BN-act the bn_act op's on `backend`."""
     from fastres.ops.bn_act import bn_act
-    acts = [x if act == "identity" and w is None and b is None and m is None and s is None
-            else bn_act(x, w, b, m, s, None, act, False, backend)
+    acts = [bn_act(x, w, b, m, s, None, act, False, backend) if ref.has_prologue(w, b, m, s, act) else x
             for x, w, b, m, s, act, _ in _prologues(*prologue_args)]
     return torch.cat(acts, 1) if len(acts) > 1 else acts[0]
 
@@ -130,7 +129,7 @@ def _backward(ctx, grad, gmean, gvar):
     gparts, gpw, gpb = [], [], []
     for ga_i, (x, w, b, m, s, act, training) in zip(torch.split(ga, [p.shape[1] for p in parts], 1),
                                                      _prologues(*args)):
-        if act == "identity" and w is None and b is None and m is None and s is None:
+        if not ref.has_prologue(w, b, m, s, act):
             gparts.append(ga_i)
             gpw.append(torch.zeros(x.shape[1], dtype=pw.dtype, device=x.device) if pw is not None else None)
             gpb.append(torch.zeros(x.shape[1], dtype=pb.dtype, device=x.device) if pb is not None else None)

@@ -144,7 +144,7 @@ def _backward_ops(grad, out, x, weight, bias, stride, padding, dilation, groups,
         gz = bn_act_backward(grad, out, None, None, None, None, None, out, act, False,
                              [True, False, False, False], backend)[0]
     gb = gz.sum((0, 2, 3), dtype=ref.acc_dtype(gz.dtype)).to(bias.dtype) if nb else None
-    prologue = not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity")
+    prologue = ref.has_prologue(pw, pb, pmean, pinvstd, pre_act)
     a_act = bn_act(x, pw, pb, pmean, pinvstd, None, pre_act, pre_training, backend) if prologue else x
     a = a_act if addend is None else a_act + addend
     need_ga = nx or npw or npb or nadd
@@ -296,7 +296,7 @@ def residual_missing(residual: Optional[Tensor], x: Tensor, weight: Tensor, stri
 
 def materialise_prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd, pre_act: str) -> Tensor:
     """a = pre_act(BN(x)) + addend in native passes (the identity prologue returns x itself)."""
-    if not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity"):
+    if ref.has_prologue(pw, pb, pmean, pinvstd, pre_act):
         x = torch.ops.fastres_native.bn_act(x, pw, pb, pmean, pinvstd, None, pre_act)
     return x if addend is None else x + addend
 

@@ -157,13 +157,18 @@ def batch_stats_backward(gmean: Tensor, gvar: Tensor, x: Tensor, mean: Tensor) -
 
 
 # ---- convolution with fused prologue and epilogue --------------------------------------------
+def has_prologue(pw, pb, pmean, pinvstd, pre_act: str) -> bool:
+    """Whether these BN-act prologue arguments change the input (else it goes in as it is)."""
+    return not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity")
+
+
 def prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pinvstd,
              pre_act: str) -> tuple[Tensor, Optional[Tensor]]:
     """The conv input a = pre_act(BN(x)) + addend (each step rounded to x's dtype), and the
     pre-activation z of the BN-act (None when that is the identity)."""
     z = None
     a = x
-    if not (pw is None and pb is None and pmean is None and pinvstd is None and pre_act == "identity"):
+    if has_prologue(pw, pb, pmean, pinvstd, pre_act):
         z = bn_pre(x, pw, pb, pmean, pinvstd, None)
         a = apply_act(z, pre_act).to(x.dtype)
     return (a if addend is None else a + addend), z

@@ -21,11 +21,12 @@ from torch import Tensor
 from fastres import backend as B
 
 
-def _sum_format(slot: Tensor) -> torch.memory_format:
-    """The layout of the sum, as the native kernels choose it (csrc/slices.h, pixel_runs)."""
+def _empty_sum(slot: Tensor) -> Tensor:
+    """The sum's tensor, in the layout the native kernels choose (csrc/slices.h, pixel_runs)."""
     _, c, h, w = slot.shape
     planes = (w == 1 or slot.stride(3) == 1) and (h == 1 or slot.stride(2) == w) and (c == 1 or slot.stride(1) == h * w)
-    return torch.contiguous_format if planes else torch.channels_last
+    return torch.empty(slot.shape, dtype=slot.dtype, device=slot.device,
+                       memory_format=torch.contiguous_format if planes else torch.channels_last)
 
 
 def _check(x: Tensor, y: Tensor, slot: Tensor) -> None:
@@ -48,20 +49,22 @@ def split_add(x: Tensor, y: Tensor, slot: Tensor, backend: str) -> Tensor:
 
 @split_add.register_fake
 def _(x, y, slot, backend):
-    return torch.empty(slot.shape, dtype=slot.dtype, device=slot.device, memory_format=_sum_format(slot))
+    return _empty_sum(slot)
 
 
 @B.register("split_add", "reference")
 def _split_add_reference(x: Tensor, y: Tensor, slot: Tensor) -> Tensor:
-    out = torch.empty(slot.shape, dtype=slot.dtype, device=slot.device, memory_format=_sum_format(slot))
+    out = _empty_sum(slot)
     torch.add(x, y, out=out)
     slot.copy_(y)
     return out
 
 
 def _native_supports(x: Tensor, y: Tensor, slot: Tensor):
-    if slot.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        return f"dtype {slot.dtype} not supported"
+    from fastres.ops.bn_act import _native_supports as native_supports
+    why = native_supports(slot, x, y)
+    if why is not None:
+        return why
     if slot.device.type == "cuda" and not _built_with_cuda():
         return "fastres._C was built without CUDA"
     if slot.device.type not in ("cpu", "cuda"):
@@ -83,7 +86,7 @@ def _split_add_native(x: Tensor, y: Tensor, slot: Tensor) -> Tensor:
 if B.NATIVE_MISSING is None:
     @torch.library.register_fake("fastres_native::split_add")
     def _(x, y, slot):
-        return torch.empty(slot.shape, dtype=slot.dtype, device=slot.device, memory_format=_sum_format(slot))
+        return _empty_sum(slot)
 
     @torch.library.register_fake("fastres_native::residual_act_")
     def _(out, residual, act):
