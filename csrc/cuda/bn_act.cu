@@ -14,11 +14,11 @@
 
 #include "../act.h"
 #include "../bn_act.h"
+#include "launch.cuh"
 
 namespace fastres {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kTileElems = 4096;  // channels_last elements per block
 
 __device__ __forceinline__ int64_t channel_of(int64_t i, bool cl, int64_t C, int64_t HW) {
@@ -71,14 +71,11 @@ Args<T> make_args(const Inputs& in) {
   return a;
 }
 
-// Grid-stride loops: enough blocks to fill any current GPU, the loop covers the rest.
-int grid_for(int64_t n) { return int(std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)); }
-
 // ---- bn_act --------------------------------------------------------------------------------------
 template <typename T, Act A>
 __global__ void bn_act_kernel(Args<T> a, int64_t n) {
   using O = at::opmath_type<T>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  FASTRES_GRID_STRIDE(i, n) {
     const int64_t c = channel_of(i, a.cl, a.C, a.HW);
     O z = O(a.x[i]) * a.scale[c] + a.shift[c];
     if (a.r) z += O(a.r[i]);
@@ -160,7 +157,7 @@ __global__ void bn_act_reduce_kernel(Args<T> a) {
 template <typename T, Act A>
 __global__ void bn_act_grad_x_kernel(Args<T> a, int64_t n) {
   using O = at::opmath_type<T>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  FASTRES_GRID_STRIDE(i, n) {
     const int64_t c = channel_of(i, a.cl, a.C, a.HW);
     // pass 1 stored dL/dz as the residual's grad: exactly, for a mask; read it instead of dL/dy and y
     const O gz = masks_only(A) && a.gres ? O(a.gres[i]) : grad_z<A>(a, i, c);

@@ -12,11 +12,10 @@
 #include "../act.h"
 #include "../bn_act.h"
 #include "../se.h"
+#include "launch.cuh"
 
 namespace fastres {
 namespace {
-
-constexpr int kThreads = 256;
 
 template <typename T>
 struct SeArgs {
@@ -33,12 +32,10 @@ struct SeArgs {
   }
 };
 
-int grid_for(int64_t n) { return int(std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)); }
-
 template <typename T, Act A>
 __global__ void se_gate_act_kernel(SeArgs<T> a, int64_t n) {
   using O = at::opmath_type<T>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  FASTRES_GRID_STRIDE(i, n) {
     O z = O(a.x[i]) * a.s[a.gate_index(i)];
     if (a.r) z += O(a.r[i]);
     a.out[i] = T(act_forward<A>(z));
@@ -63,7 +60,7 @@ __device__ __forceinline__ at::opmath_type<T> se_grad_z(const SeArgs<T>& a, int6
 template <typename T, Act A>
 __global__ void se_gate_act_grad_kernel(SeArgs<T> a, int64_t n) {
   using O = at::opmath_type<T>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+  FASTRES_GRID_STRIDE(i, n) {
     const O g = a.s[a.gate_index(i)];
     const O gz = se_grad_z<A>(a, i, g);
     if (a.gres) a.gres[i] = T(gz);

@@ -8,16 +8,10 @@
 
 #include "../act.h"
 #include "../slices.h"
+#include "launch.cuh"
 
 namespace fastres {
 namespace {
-
-constexpr int kThreads = 256;
-
-int grid_for(int64_t n) { return int(std::min<int64_t>((n + kThreads - 1) / kThreads, 8192)); }
-
-#define FASTRES_GRID_STRIDE(i, n) \
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(blockDim.x) * gridDim.x)
 
 // Element j of run r of out gets residual element j of run r when j < res.len; with an
 // activation every element of out is visited, without one only the residual's.
