@@ -142,7 +142,17 @@ def _convert(m: nn.Module, path: str, backend: Optional[str], report: Conversion
             setattr(m, name, new)
     if isinstance(m, nn.Sequential):
         _fuse_bn_act_pairs(m, path, backend, report)
+        _as_stage(m, path, report)
     return m
+
+
+def _as_stage(seq: nn.Sequential, path: str, report: ConversionReport) -> None:
+    """A plain Sequential of fastres residual blocks becomes a `fastres.nn.Stage` (same modules
+    and keys), whose eval inference lets identity blocks add into the residual stream in place."""
+    from fastres.nn.inference import Stage, reuses_input
+    if type(seq) is nn.Sequential and len(seq) > 1 and all(reuses_input(b) for b in seq):
+        source = qualname(seq)
+        report.replaced.append((path, source, qualname(as_subclass(seq, Stage))))
 
 
 def _fuse_bn_act_pairs(seq: nn.Sequential, path: str, backend: Optional[str], report: ConversionReport) -> None:

@@ -273,6 +273,59 @@ def test_residual_stream_reuse_respects_hooks(hooked):
     assert_close(kept["f"], kept["tv"], name=f"output of {hooked} kept by a hook")
 
 
+_STAGE_BLOCKS = {
+    "basic": lambda: fastres.nn.BasicBlock(32, 32),
+    "bottleneck_se": lambda: fastres.nn.Bottleneck(32, 8, groups=2, base_width=64),
+    "preact_e": lambda: fastres.nn.PreActBottleneck(32, 32),
+    "preact_b": lambda: fastres.nn.PreActBasicBlock(32, 32, variant="b"),
+    "preact_c": lambda: fastres.nn.PreActBasicBlock(32, 32, variant="c"),
+    "wide": lambda: fastres.nn.WideBasic(32, 32),
+    "res2net": lambda: fastres.nn.Bottle2neck(32, 8, base_width=32),
+}
+
+
+@pytest.mark.parametrize("kind", list(_STAGE_BLOCKS))
+def test_stage_adds_into_the_residual_stream_it_owns(kind):
+    """A Stage of identity blocks: each block after the first accumulates into the previous
+    output (no new tensor); the stage's own input is never written; results equal the plain
+    Sequential run (which allocates every output)."""
+    torch.manual_seed(0)
+    stage = fastres.nn.Stage(*(_STAGE_BLOCKS[kind]() for _ in range(3)))
+    if kind == "bottleneck_se":
+        for b in stage:
+            b.se = fastres.nn.SqueezeExcite(32, 8)
+    _randomise_bn(stage).eval()
+    x = _x(2, 12).repeat(1, 11, 1, 1)[:, :32].contiguous(memory_format=CL)
+    x0 = x.clone()
+    with torch.no_grad():
+        want = nn.Sequential.forward(stage, x)
+        y = stage(x)
+        assert_close(y, want)
+        assert torch.equal(x, x0), "the stage's input was overwritten"
+        owned = x.clone()
+        y2, private = inference.run_blocks(stage, owned, True)
+    assert_close(y2, want)
+    assert private
+    shares = y2.untyped_storage().data_ptr() == owned.untyped_storage().data_ptr()
+    # the output is a new tensor where the block ends in a pass after its last conv: the BN-ReLU
+    # of the sum (b), the add after the BN-ReLU (c), the SE gate with the add
+    assert shares == (kind not in ("preact_b", "preact_c", "bottleneck_se")), "the stream was not reused"
+    with torch.enable_grad():  # autograd records the stream: nothing is overwritten
+        xg = x.clone().requires_grad_()
+        assert_close(stage(xg), want)
+    assert torch.equal(xg.detach(), x0)
+
+
+def test_convert_turns_sequentials_of_blocks_into_stages():
+    m = nn.Sequential(nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), torchvision.models.resnet.BasicBlock(8, 8)),
+                      nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8), nn.ReLU()))
+    f = fastres.convert(m)
+    assert type(f[0]) is fastres.nn.Stage and type(f[1]) is nn.Sequential and type(f) is nn.Sequential
+    assert list(f.state_dict()) == list(m.state_dict())
+    report = fastres.conversion_report(f)
+    assert ("0", "torch.nn.modules.container.Sequential", "fastres.nn.inference.Stage") in report.replaced
+
+
 def test_densenet_prologue_path_matches_eager_and_follows_changes():
     """BN-ReLU-conv (DenseNet): prologue in one native pass, conv from the cached prepacked weight."""
     tv = _randomise_bn(torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16,

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as TF
 from torch import Tensor
 
+from fastres.nn.inference import Stage
 from fastres.nn.norm_act import BatchNormAct2d, check_input, conv, conv_bn
 from fastres.nn.preact import VARIANTS, PreActBasicBlock, PreActBottleneck
 from fastres.nn.resnet import BasicBlock
@@ -63,7 +64,7 @@ class CifarResNet(nn.Module):
         for i, w in enumerate(widths):
             layers = [block(chs if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1)
                       for j in range(blocks_per_stage)]
-            stages.append(nn.Sequential(*layers))
+            stages.append(Stage(*layers))
             chs = w
         self.stages = nn.Sequential(*stages)
         self.norm = head

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 from torchvision.models import resnet as tv
@@ -22,9 +21,9 @@ class ResNet(tv.ResNet):
     def _forward_impl(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
         x = stem(x, self.conv1, self.bn1, self.maxpool, self.backend)
-        owned = not _hooked(self.maxpool)
+        owned = not _inference.hooked(self.maxpool)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x, owned = _run_stage(layer, x, owned)
+            x, owned = _inference.run_blocks(layer, x, owned)
         return self.fc(self.avgpool(x).flatten(1))
 
 
@@ -32,43 +31,12 @@ def stem(x: Tensor, conv1: nn.Conv2d, bn1: nn.Module, pool: nn.Module, backend: 
     """pool(relu(bn1(conv1(x)))). Training stores only the conv output (BN-ReLU and the argmax
     are recomputed in backward); eval runs the conv with BN folded and ReLU fused, then the
     pooling without an argmax."""
-    if pool_kind(pool) is None or _hooked(pool):
+    if pool_kind(pool) is None or _inference.hooked(pool):
         return pool(conv_bn(x, conv1, bn1, act="relu", backend=backend))
     if bn1.training:
         c, stats = conv(x, conv1, with_stats=True, backend=backend)
         return bn_act_pool(c, bn_prologue(c, bn1, stats=stats, backend=backend), pool, backend=backend)
     return bn_act_pool(conv_bn(x, conv1, bn1, act="relu", backend=backend), None, pool, backend=backend)
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def _run_stage(layer: nn.Module, x: Tensor, owned: bool) -> tuple[Tensor, bool]:
-    """(layer(x), whether that output is still private to this forward). In eval inference without
-    autograd, an identity-shortcut block may accumulate its last conv into its own input, the
-    residual stream, as compiled code does, when that input is an intermediate nobody else can
-    hold: made by this forward, and by no module with hooks (which could keep it)."""
-    if (torch.compiler.is_compiling() or not isinstance(layer, nn.Sequential) or _hooked(layer)
-            or x.requires_grad or torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters())
-            or _global_hooks()):
-        return layer(x), False
-    for block in layer:
-        reuse = (owned and isinstance(block, (BasicBlock, Bottleneck)) and block.downsample is None
-                 and block._modules.get("se") is None and not block.training and not _hooked(block))
-        if reuse:
-            _inference.mark_scratch(x)
-        y = block(x)
-        if reuse:
-            _inference.unmark_scratch(x)
-        x, owned = y, not _hooked(block)
-    return x, owned
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or _m._global_backward_pre_hooks)
 
 
 @rule("torchvision.models.resnet.ResNet")

@@ -9,3 +9,4 @@ from fastres.nn.preact import PreActBasicBlock, PreActBottleneck, PreActProjecti
 from fastres.nn.wide import WideBasic  # noqa: F401,E402
 from fastres.nn.sync_bn import SyncBatchNorm2d  # noqa: F401,E402
 from fastres.nn.dag import DAGBlock  # noqa: F401,E402
+from fastres.nn.inference import Stage  # noqa: F401,E402

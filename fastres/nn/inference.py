@@ -109,6 +109,11 @@ def _prepacked(e: _Entry, x: Tensor, conv: nn.Conv2d) -> Tensor:
     return w
 
 
+def recorded(t: Tensor) -> bool:
+    """Whether autograd or a compiler trace may hold `t` (then it must never be overwritten)."""
+    return t.requires_grad or torch.compiler.is_compiling()
+
+
 def mark_scratch(t: Tensor) -> Tensor:
     """Mark `t` (a fresh tensor nobody else holds, e.g. a projection shortcut's output) as one
     that the conv adding it as its residual may overwrite; consumed by that one conv."""
@@ -126,6 +131,60 @@ def _take_scratch(t: Optional[Tensor]) -> bool:
         return False
     del _SCRATCH[id(t)]
     return True
+
+
+def hooked(m: nn.Module) -> bool:
+    """`m` has hooks of its own, which may keep its inputs or outputs."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
+
+
+def reuses_input(block: nn.Module) -> bool:
+    """A fastres residual block whose input is read last, as the identity its last conv adds, and
+    whose output is a tensor only it made: declared by the class attribute `reuses_input`."""
+    return getattr(type(block), "reuses_input", False)
+
+
+def run_blocks(blocks: nn.Module, x: Tensor, owned: bool) -> tuple[Tensor, bool]:
+    """(blocks(x), whether that output is still private to this forward). In eval inference
+    without autograd, each identity-shortcut block of a Sequential may accumulate its last conv
+    into its input, the residual stream, as compiled code does, when that input is an
+    intermediate nobody else can hold: `owned` for the first (a tensor the caller made), then the
+    output of the block before, which made it and has no hooks that could keep it."""
+    if not isinstance(blocks, nn.Sequential) or hooked(blocks) or not _may_reuse(blocks, x):
+        return blocks(x), False
+    return _chain(blocks, x, owned)
+
+
+def _may_reuse(blocks: nn.Sequential, x: Tensor) -> bool:
+    return not (torch.compiler.is_compiling() or x.requires_grad or _global_hooks()
+                or torch.is_grad_enabled() and any(p.requires_grad for p in blocks.parameters()))
+
+
+def _chain(blocks: nn.Sequential, x: Tensor, owned: bool) -> tuple[Tensor, bool]:
+    for block in blocks:
+        private = reuses_input(block) and not block.training and not hooked(block)
+        if private and owned:
+            mark_scratch(x)
+        y = block(x)
+        unmark_scratch(x)
+        x, owned = y, private
+    return x, owned
+
+
+class Stage(nn.Sequential):
+    """A Sequential of residual blocks (`convert` re-classes one whose blocks all `reuses_input`),
+    run by `run_blocks`: in eval inference each identity block after the first adds its output
+    into the residual stream in place instead of allocating a new tensor. Same modules, keys and
+    indexing as the Sequential; the stage's own input is never overwritten."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _chain(self, x, False)[0] if _may_reuse(self, x) else super().forward(x)
 
 
 def runs_onednn(x: Tensor, conv: nn.Conv2d, backend: Optional[str]) -> bool:

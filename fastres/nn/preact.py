@@ -32,6 +32,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastres.convert import act_name, adopt, rule
+from fastres.nn import inference as _inference
 from fastres.nn.norm_act import bn_conv, check_input, conv, conv_bn, is_bn, norm_act, shortcut
 
 VARIANTS = ("a", "b", "c", "d", "e")
@@ -73,6 +74,8 @@ def preact_forward(x: Tensor, norms: Sequence[nn.Module], convs: Sequence[nn.Con
     else:
         xa = norm_act(x, norms[0], act="relu", backend=backend)
         sc = conv(xa, proj, backend=backend)
+        if not _inference.recorded(sc):
+            _inference.mark_scratch(sc)  # a fresh tensor only the last conv reads: it may accumulate into it
     if not any(n.training for n in norms[1:]) and not (dropout > 0.0 and training):
         if xa is None:
             out = bn_conv(x, norms[0], convs[0], pre_act="relu", post=norms[1], act="relu", backend=backend)
@@ -112,6 +115,7 @@ class PreActProjection(nn.Module):
 class _PreActBlock(nn.Module):
     """Shared construction and forward of the basic and bottleneck units."""
     backend: Optional[str] = None
+    reuses_input = True  # see fastres.nn.inference.run_blocks
     _n: int = 2  # convs in the residual branch
 
     def _build(self, in_chs: int, out_chs: int, stride: int, layers: Sequence[tuple[int, int, int, int, int]],

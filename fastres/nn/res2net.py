@@ -30,6 +30,7 @@ class Bottle2neck(nn.Module):
     conv, [SE], residual add, ReLU."""
     expansion = 4
     backend: Optional[str] = None
+    reuses_input = True  # see fastres.nn.inference.run_blocks
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, *, cardinality: int = 1,

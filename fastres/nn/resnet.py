@@ -21,6 +21,7 @@ from fastres.nn.se import block_se
 
 class BasicBlock(tv.BasicBlock):
     backend: Optional[str] = None
+    reuses_input = True  # see fastres.nn.inference.run_blocks
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)
@@ -30,6 +31,7 @@ class BasicBlock(tv.BasicBlock):
 
 class Bottleneck(tv.Bottleneck):
     backend: Optional[str] = None
+    reuses_input = True
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv1.in_channels)

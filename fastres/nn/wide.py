@@ -20,6 +20,7 @@ class WideBasic(nn.Module):
     """`in_planes` -> `planes` channels; `stride` on the first conv; `dropout` probability between
     the convs. Keys: bn1, conv1, bn2, conv2, shortcut (a 1x1 conv, only when the shape changes)."""
     backend: Optional[str] = None
+    reuses_input = True  # see fastres.nn.inference.run_blocks
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, *, dropout: float = 0.0,
                  backend: Optional[str] = None) -> None:
