@@ -23,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import densenet as tv
 
 from fastres.convert import adopt, as_subclass, qualname, rule
-from fastres.nn.norm_act import bn_conv, check_input, is_bn
+from fastres.nn import inference as _inference
+from fastres.nn.norm_act import bn_act_pool, bn_conv, bn_prologue, check_input, conv, is_bn, pool_kind
 
 
 class DenseLayer(tv._DenseLayer):
@@ -41,16 +42,27 @@ class DenseLayer(tv._DenseLayer):
             out = checkpoint(self._bottleneck, *features, use_reentrant=False)
         else:
             out = self._bottleneck(*features)
-        out, stats = out if self.norm2.training else (out, None)
-        out = bn_conv(out, self.norm2, self.conv2, pre_act="relu", stats=stats, backend=self.backend)
+        if self._folds(features):
+            out = conv(out, self.conv2, backend=self.backend)
+        else:
+            out, stats = out if self.norm2.training else (out, None)
+            out = bn_conv(out, self.norm2, self.conv2, pre_act="relu", stats=stats, backend=self.backend)
         if self.drop_rate > 0:
             out = TF.dropout(out, p=self.drop_rate, training=self.training)
         return out
 
+    def _folds(self, features: list[Tensor]) -> bool:
+        """Eval inference without autograd: norm2-ReLU folds into conv1, its only reader."""
+        return not self.norm2.training and _inference.usable(features[0], self.conv1, self.norm1, self.norm2.weight,
+                                                             self.norm2.bias, *features[1:])
+
     def _bottleneck(self, *features: Tensor):
-        """conv1(relu(norm1(cat(features)))), with its batch statistics when norm2 trains."""
+        """conv1(relu(norm1(cat(features)))), with its batch statistics when norm2 trains, or with
+        relu(norm2(.)) folded in (`_folds`)."""
         x = features[0] if len(features) == 1 else torch.cat(features, 1)
         check_input(self, x, self.conv1.in_channels)
+        if self._folds(list(features)):
+            return bn_conv(x, self.norm1, self.conv1, pre_act="relu", post=self.norm2, act="relu", backend=self.backend)
         return bn_conv(x, self.norm1, self.conv1, pre_act="relu", with_stats=self.norm2.training,
                        backend=self.backend)
 
@@ -95,7 +107,9 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 class Transition(nn.Module):
-    """pool(conv1x1(relu(norm(x)))) with the BN-ReLU fused into the conv; keys norm, conv."""
+    """pool(conv1x1(relu(norm(x)))) with the BN-ReLU fused into the conv; keys norm, conv.
+    In eval inference without autograd the average pooling (linear, like the 1x1 conv) runs
+    first, in the BN-ReLU's own pass: the conv then works on a quarter of the pixels."""
     backend: Optional[str] = None
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
@@ -107,6 +121,10 @@ class Transition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv.in_channels)
+        if not self.norm.training and _inference.usable(x, self.conv, self.norm) and pool_kind(self.pool) == "avg" \
+                and self.conv.kernel_size == (1, 1) and self.conv.stride == (1, 1) and self.conv.padding == (0, 0):
+            a = bn_act_pool(x, bn_prologue(x, self.norm, backend=self.backend), self.pool, backend=self.backend)
+            return conv(a, self.conv, backend=self.backend)
         return self.pool(bn_conv(x, self.norm, self.conv, pre_act="relu", backend=self.backend))
 
 
