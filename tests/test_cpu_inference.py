@@ -337,10 +337,12 @@ def test_densenet_prologue_path_matches_eager_and_follows_changes():
             assert_close(f(x), tv(x))
         convs = [r for r in rec if r[1] == "conv2d"]
         assert convs and all(r[2] == "native" and "prepacked" in r[3] for r in convs), convs
-        # conv1 (norm1-ReLU its prologue, norm2-ReLU folded in) and the transition's conv, after
-        # its BN-ReLU-pool pass, read an activation; conv2 its input as it is
+        # each layer's conv1 has norm1-ReLU as its prologue (and norm2-ReLU folded in); the stem
+        # conv (norm0 folded), each conv2 and the transition's conv (after its BN-ReLU-pool pass)
+        # read their input as it is
         prologue = [r for r in convs if "prologue" in r[3]]
-        assert len(prologue) == 4 and len(convs) - len(prologue) == 5, convs
+        assert len(prologue) == 4 and len(convs) - len(prologue) == 1 + 4 + 1, convs
+        assert type(f).__name__ == "DenseNet" and type(f).__module__ == "fastres.models.densenet"
         layer = f.features.denseblock1.denselayer1
         assert inference._CACHE.get(layer.conv1) is not None
     with torch.no_grad():

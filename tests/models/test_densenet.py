@@ -29,6 +29,7 @@ def _assert_every_block_converted(model: nn.Module, dense_blocks: int = 4) -> No
     assert all(type(m) is (DenseBlock if "denseblock" in n else Transition) for n, m in blocks.items())
     assert set(blocks) <= replaced, str(report)
     assert "features.norm0" in replaced, str(report)
+    assert type(model) is builders.DenseNet and "" in replaced, str(report)
     assert not [n for n, m in model.named_modules() if type(m) in (tv._DenseLayer, tv._DenseBlock, tv._Transition)]
 
 
@@ -87,3 +88,18 @@ def test_small_densenet_train_step_matches_torchvision(memory_efficient):
             assert_close(buffers[name], b, dtype=torch.float32, name=name)
         else:
             assert torch.equal(buffers[name], b), name
+
+
+@pytest.mark.parametrize("hooked", ["features.conv0", "features.pool0", "features"])
+def test_fused_stem_keeps_hooks(hooked):
+    """A hook on the stem (or on features) sees the modules run as they are, and the output."""
+    ref = randomize_bn(tv.DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, bn_size=2,
+                                   num_classes=5)).eval()
+    model = fastres.convert(ref)
+    seen = {}
+    for name, m in (("ref", ref), ("model", model)):
+        m.get_submodule(hooked).register_forward_hook(lambda mod, inp, out, n=name: seen.setdefault(n, out.clone()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model(x), ref(x), dtype=torch.float32, name="logits")
+    assert_close(seen["model"], seen["ref"], dtype=torch.float32, name=f"output of {hooked}")
