@@ -60,7 +60,8 @@ def test_triton_on_cpu_falls_back_visibly_once():
 def test_explain_lists_every_replaced_block_and_op():
     model = fastres.convert(torchvision.models.resnet18().eval(), backend="reference")
     text = str(fastres.explain(model, torch.randn(1, 3, 32, 32)))
-    assert "9 module(s) replaced" in text  # the ResNet (fused stem) and its 8 blocks
+    assert "13 module(s) replaced" in text  # the ResNet (fused stem), its 4 layers (Stage) and 8 blocks
+    assert "replaced layer2: torch.nn.modules.container.Sequential -> fastres.nn.inference.Stage" in text
     for path in ("layer1.0", "layer4.1"):
         assert f"replaced {path}: torchvision.models.resnet.BasicBlock -> fastres.nn.resnet.BasicBlock" in text
     assert "conv2d" in text and "requested" in text
