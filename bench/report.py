@@ -72,9 +72,9 @@ def table(groups: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str, block: str) -> None:
-    """Replace the lines between the results markers of `path` with `block`."""
-    replace_between_markers(path, "results", block)
+def update_readme(path: str, block: str, marker: str = "results") -> None:
+    """Replace the lines between the `marker` markers of `path` with `block`."""
+    replace_between_markers(path, marker, block)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("json", nargs="+", help="JSON from pytest bench --benchmark-json or fastres bench --json")
     p.add_argument("--plot", help="write a PNG bar chart of speedups vs eager")
     p.add_argument("--readme", help=f"also write the table (and chart link) between {BEGIN} and {END} in this file")
+    p.add_argument("--marker", default="results", help="with --readme: the markers' name (default results)")
     args = p.parse_args(argv)
     try:
         groups, setups = load(args.json), load_setup(args.json)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             chart = f"\n\n![speedups vs eager]({os.path.relpath(args.plot, os.path.dirname(os.path.abspath(args.readme)))})"
         try:
-            update_readme(args.readme, text + chart)
+            update_readme(args.readme, text + chart, args.marker)
         except (OSError, ValueError) as e:
             print(f"bench.report: cannot update {args.readme}: {e}", file=sys.stderr)
             return 2

@@ -157,6 +157,8 @@ def bench(args: argparse.Namespace) -> int:
     import os
 
     from fastres import benchmark as B
+    if args.keep_heap:
+        B.keep_heap()
     provs = args.providers or B.providers(args.device)
     steps = B.steps_per_model(len(provs), warmup=args.warmup, iters=args.iters)
     progress = B.Progress(len(args.model) * steps)
@@ -169,7 +171,8 @@ def bench(args: argparse.Namespace) -> int:
     what = "inference forward" if args.mode == "infer" else "training step (forward, backward, SGD)"
     print(f"\nfastres bench: {what}, batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} threads; median of {args.iters} after {args.warmup} warm-up; "
-          f"setup = convert / compile + first call; rel diff = max |output - eager| / max |eager|")
+          + ("malloc keeps freed memory (--keep-heap); " if args.keep_heap else "")
+          + f"setup = convert / compile + first call; rel diff = max |output - eager| / max |eager|")
     print(B.format_table(results))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -306,6 +309,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="a subset of eager, eager_cl, compile, fastres-<backend> (default: all on the device)")
     b.add_argument("--json", metavar="PATH", help="write pytest-benchmark-shaped JSON (python -m bench.report reads it)")
     b.add_argument("--plot", metavar="PATH", help="write a PNG chart of speedups vs eager (needs matplotlib)")
+    b.add_argument("--keep-heap", action="store_true",
+                   help="glibc: keep freed memory for reuse (no first-touch page faults), for every provider")
     b.set_defaults(fn=bench)
     args = p.parse_args(argv)
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():

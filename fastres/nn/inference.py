@@ -9,6 +9,10 @@ dtype, device or eps change. It is used only when nothing needs gradients (no_gr
 inference_mode, or no input or parameter requiring grad), BN is in eval mode, and outside
 torch.compile tracing, which freezes and folds by itself.
 
+In the same conditions a conv may accumulate into its residual instead of allocating its output,
+when that residual is a tensor nobody else holds (`mark_scratch`): a projection shortcut's output,
+or the residual stream between the blocks of a `Stage` (`run_blocks`).
+
 With the native backend (or "auto") on a CPU tensor that oneDNN takes, the folded weight is also
 reordered into oneDNN's blocked layout for the input size (`_reorder_convolution_weight`) and the
 conv runs through `fastres.ops.conv.conv2d_onednn` directly: an opaque prepacked weight cannot pass
@@ -109,16 +113,17 @@ def _prepacked(e: _Entry, x: Tensor, conv: nn.Conv2d) -> Tensor:
     return w
 
 
-def recorded(t: Tensor) -> bool:
-    """Whether autograd or a compiler trace may hold `t` (then it must never be overwritten)."""
-    return t.requires_grad or torch.compiler.is_compiling()
-
-
 def mark_scratch(t: Tensor) -> Tensor:
     """Mark `t` (a fresh tensor nobody else holds, e.g. a projection shortcut's output) as one
     that the conv adding it as its residual may overwrite; consumed by that one conv."""
     _SCRATCH[id(t)] = t
     return t
+
+
+def offer_scratch(t: Tensor) -> Tensor:
+    """`t`, a fresh tensor only one later conv reads as its residual, marked as scratch unless
+    autograd or a compiler trace may hold it."""
+    return t if t.requires_grad or torch.compiler.is_compiling() else mark_scratch(t)
 
 
 def unmark_scratch(t: Tensor) -> None:
@@ -178,10 +183,10 @@ def _chain(blocks: nn.Sequential, x: Tensor, owned: bool) -> tuple[Tensor, bool]
 
 
 class Stage(nn.Sequential):
-    """A Sequential of residual blocks (`convert` re-classes one whose blocks all `reuses_input`),
-    run by `run_blocks`: in eval inference each identity block after the first adds its output
-    into the residual stream in place instead of allocating a new tensor. Same modules, keys and
-    indexing as the Sequential; the stage's own input is never overwritten."""
+    """A Sequential of residual blocks (`convert` re-classes one whose blocks all `reuses_input`)
+    that runs them as `run_blocks` does: in eval inference each identity block after the first
+    adds its output into the residual stream in place instead of allocating a new tensor. Same
+    modules, keys and indexing as the Sequential; the stage's own input is never overwritten."""
 
     def forward(self, x: Tensor) -> Tensor:
         return _chain(self, x, False)[0] if _may_reuse(self, x) else super().forward(x)

@@ -164,7 +164,7 @@ def shortcut(downsample: Optional[nn.Module], x: Tensor, backend: Optional[str] 
             and isinstance(downsample[0], nn.Conv2d) and is_bn(downsample[1])):
         y = conv_bn(x, downsample[0], downsample[1], act="identity", backend=backend)
         # a fresh tensor only the block's last conv reads: that conv may accumulate into it
-        return y if _inference.recorded(y) else _inference.mark_scratch(y)
+        return _inference.offer_scratch(y)
     return downsample(x)
 
 

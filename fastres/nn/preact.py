@@ -73,9 +73,7 @@ def preact_forward(x: Tensor, norms: Sequence[nn.Module], convs: Sequence[nn.Con
         sc = x
     else:
         xa = norm_act(x, norms[0], act="relu", backend=backend)
-        sc = conv(xa, proj, backend=backend)
-        if not _inference.recorded(sc):
-            _inference.mark_scratch(sc)  # a fresh tensor only the last conv reads: it may accumulate into it
+        sc = _inference.offer_scratch(conv(xa, proj, backend=backend))  # the last conv may accumulate into it
     if not any(n.training for n in norms[1:]) and not (dropout > 0.0 and training):
         if xa is None:
             out = bn_conv(x, norms[0], convs[0], pre_act="relu", post=norms[1], act="relu", backend=backend)
