@@ -21,7 +21,7 @@ import fastres.nn.densenet  # noqa: F401  (registers the DenseNet conversion rul
 from fastres.convert import as_subclass, convert, rule
 from fastres.models.resnet import stem
 from fastres.nn import inference as _inference
-from fastres.nn.norm_act import is_bn
+from fastres.nn.norm_act import check_input, is_bn
 
 _STEM = ["conv0", "norm0", "relu0", "pool0"]
 
@@ -38,6 +38,7 @@ class DenseNet(tv.DenseNet):
         if _inference.hooked(f) or any(_inference.hooked(m) for m in mods[:len(_STEM)]):
             x = f(x)
         else:
+            check_input(self, x, f.conv0.in_channels)
             x = stem(x, f.conv0, f.norm0, f.pool0, self.backend)
             for m in mods[len(_STEM):]:
                 x = m(x)

@@ -121,8 +121,10 @@ class Transition(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self.conv.in_channels)
+        # (the pooling's padded zeros would meet the conv's bias in the other order: no padding)
         if not self.norm.training and _inference.usable(x, self.conv, self.norm) and pool_kind(self.pool) == "avg" \
-                and self.conv.kernel_size == (1, 1) and self.conv.stride == (1, 1) and self.conv.padding == (0, 0):
+                and self.pool.padding in (0, (0, 0)) and self.conv.kernel_size == (1, 1) \
+                and self.conv.stride == (1, 1) and self.conv.padding == (0, 0):
             a = bn_act_pool(x, bn_prologue(x, self.norm, backend=self.backend), self.pool, backend=self.backend)
             return conv(a, self.conv, backend=self.backend)
         return self.pool(bn_conv(x, self.norm, self.conv, pre_act="relu", backend=self.backend))

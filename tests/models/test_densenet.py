@@ -103,3 +103,11 @@ def test_fused_stem_keeps_hooks(hooked):
     with torch.no_grad():
         assert_close(model(x), ref(x), dtype=torch.float32, name="logits")
     assert_close(seen["model"], seen["ref"], dtype=torch.float32, name=f"output of {hooked}")
+
+
+def test_wrong_input_names_the_expected_channels():
+    model = fastres.convert(tv.DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, bn_size=2,
+                                        num_classes=5)).eval()
+    with pytest.raises(ValueError, match=r"expected 3 input channels"):
+        with torch.no_grad():
+            model(torch.randn(2, 4, 32, 32))
