@@ -39,10 +39,11 @@ class DenseLayer(tv._DenseLayer):
         else:
             features = list(input)
         if self.memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in features):
-            out = checkpoint(self._bottleneck, *features, use_reentrant=False)
+            out, fold = checkpoint(self._bottleneck, *features, use_reentrant=False), False
         else:
-            out = self._bottleneck(*features)
-        if self._folds(features):
+            fold = self._folds(features)
+            out = self._bottleneck(*features, fold=fold)
+        if fold:
             out = conv(out, self.conv2, backend=self.backend)
         else:
             out, stats = out if self.norm2.training else (out, None)
@@ -56,12 +57,12 @@ class DenseLayer(tv._DenseLayer):
         return not self.norm2.training and _inference.usable(features[0], self.conv1, self.norm1, self.norm2.weight,
                                                              self.norm2.bias, *features[1:])
 
-    def _bottleneck(self, *features: Tensor):
+    def _bottleneck(self, *features: Tensor, fold: bool = False):
         """conv1(relu(norm1(cat(features)))), with its batch statistics when norm2 trains, or with
-        relu(norm2(.)) folded in (`_folds`)."""
+        relu(norm2(.)) folded in (`fold`, see `_folds`)."""
         x = features[0] if len(features) == 1 else torch.cat(features, 1)
         check_input(self, x, self.conv1.in_channels)
-        if self._folds(list(features)):
+        if fold:
             return bn_conv(x, self.norm1, self.conv1, pre_act="relu", post=self.norm2, act="relu", backend=self.backend)
         return bn_conv(x, self.norm1, self.conv1, pre_act="relu", with_stats=self.norm2.training,
                        backend=self.backend)
