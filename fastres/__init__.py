@@ -8,6 +8,7 @@ from fastres import functional  # noqa: F401
 from fastres.backend import available_backends, get_backend, set_backend, use_backend  # noqa: F401
 from fastres.convert import conversion_report, convert  # noqa: F401
 from fastres.explain import explain  # noqa: F401
+from fastres.tuning import tune  # noqa: F401
 from fastres import nn  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -23,6 +23,9 @@ BACKENDS = ("auto", "reference", "native", "triton")
 # and compiled offline for sm_80/sm_90 but have not yet been timed against cuDNN on a GPU, so on
 # CUDA they run when asked for (backend="triton"), not by default.
 _AUTO_ORDER = {"cuda": ("native", "reference"), "cpu": ("native", "reference")}
+# ... except where a measurement says otherwise: per device type, the ops whose auto choice may be
+# replaced by one of these challengers when fastres.tuning has timed both on the call's shapes
+_MEASURED = {"cuda": {"conv2d": ("triton",), "conv2d_stats": ("triton",)}}
 
 
 def _check_name(name: str) -> str:
@@ -38,19 +41,36 @@ def get_backend() -> str:
     return _current
 
 
-class set_backend(contextlib.ContextDecorator):
-    """Select the backend; usable as a call or as a context manager that restores the previous one."""
+class Switch:
+    """A module-level setting: `Switch(value)` sets it; `with Switch(value):` also restores, on
+    exit, what was set before. Subclasses say where the setting lives."""
 
-    def __init__(self, name: str) -> None:
-        global _current
-        self.prev, _current = _current, _check_name(name)
+    def __init__(self, value) -> None:
+        self.prev = self._get()
+        self._set(value)
 
-    def __enter__(self) -> "set_backend":
+    def __enter__(self) -> "Switch":
         return self
 
     def __exit__(self, *exc) -> None:
+        self._set(self.prev)
+
+    def _get(self):
+        raise NotImplementedError
+
+    def _set(self, value) -> None:
+        raise NotImplementedError
+
+
+class set_backend(Switch):
+    """Select the backend; usable as a call or as a context manager that restores the previous one."""
+
+    def _get(self) -> str:
+        return _current
+
+    def _set(self, name: str) -> None:
         global _current
-        _current = self.prev
+        _current = _check_name(name)
 
 
 use_backend = set_backend
@@ -166,6 +186,11 @@ def choose(op: str, backend: str, device: torch.device, args) -> Callable:
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             impl, why = _try(op, name, device, args)
             if impl is not None:
+                tuned = _measured(op, name, impl.fn, device, args)
+                if tuned is not None:
+                    name, fn, why = tuned
+                    _record(op, name, "auto: " + why)
+                    return fn
                 _record(op, name, "auto: " + ("; ".join(reasons) or f"first choice on {device.type}"))
                 return impl.fn
             reasons.append(f"{name}: {why}")
@@ -180,6 +205,20 @@ def choose(op: str, backend: str, device: torch.device, args) -> Callable:
         warnings.warn(f"fastres: {op} falls back from {backend} to reference: {why}", stacklevel=3)
     _record(op, "reference", f"fallback from {backend}: {why}")
     return _TABLES[op]["reference"].fn
+
+
+def _measured(op: str, name: str, fn: Callable, device: torch.device, args):
+    """fastres.tuning's (backend, fn, why) among auto's choice `name` and the op's challengers that
+    support these args, or None (no challenger, or no decision: `name` runs)."""
+    challengers = []
+    for other in _MEASURED.get(device.type, {}).get(op, ()):
+        impl, _ = _try(op, other, device, args) if other != name else (None, "")
+        if impl is not None:
+            challengers.append((other, impl.fn))
+    if not challengers:
+        return None
+    from fastres import tuning
+    return tuning.choose(op, device, args, [(name, fn), *challengers])
 
 
 def _record(op: str, backend: str, why: str) -> None:

@@ -207,7 +207,7 @@ def _composed_stats(backend: str):
 B.register("conv2d_stats", "reference")(_composed_stats("reference"))
 
 
-# ==== native CPU implementation: oneDNN convolution with fused epilogue ========================
+# ==== native implementation: oneDNN (CPU) or cuDNN (CUDA) with the native kernels ================
 # The epilogue (bias, residual add, activation) runs as oneDNN post-ops of one convolution
 # primitive (`torch.ops.mkldnn._convolution_pointwise[.binary]`, what inductor emits on CPU).
 # oneDNN has no input-side post-ops, so a prologue (eval BN-act pre-activation, Res2Net's addend)
@@ -215,6 +215,8 @@ B.register("conv2d_stats", "reference")(_composed_stats("reference"))
 # then run fused. `conv2d_onednn` is also the entry point of the cached eval-mode path
 # (fastres.nn.inference), which passes a BN-folded weight already prepacked into oneDNN's opaque
 # layout: such a weight cannot travel through the public custom op (it takes dense tensors).
+# On CUDA the convolution is cuDNN's and the epilogue one native pass (`conv2d_cudnn`); there
+# `backend="auto"` may run the Triton conv instead where fastres.tuning measured it faster.
 _ONEDNN_ACT = {"identity": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
                "silu": ("swish", [])}
 
@@ -278,6 +280,42 @@ def conv2d_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seq
     return y
 
 
+# ---- the same on CUDA: cuDNN's convolution, then the native kernels -----------------------------
+def cudnn_missing(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> Optional[str]:
+    """Why `conv2d_cudnn` cannot run this convolution, or None."""
+    if x.device.type != "cuda":
+        return f"the cuDNN path runs on CUDA tensors (device is {x.device.type})"
+    if B.NATIVE_MISSING is not None:
+        return f"it needs the native kernels: {B.NATIVE_MISSING}"
+    from fastres import _C
+    if not _C.built_with_cuda:
+        return "the installed extension was built without its CUDA kernels (reinstall with CUDA_HOME set)"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dim() != 4:
+        return f"expects a 4-D float32/float16/bfloat16 input, got {x.dim()}-D {x.dtype}"
+    if weight.dtype != x.dtype or any(t is not None and t.device != x.device for t in others):
+        return "weight dtype or tensor devices differ from the input's"
+    return None
+
+
+def conv2d_cudnn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int,
+                 residual: Optional[Tensor], act: str) -> Tensor:
+    """act(conv(x, weight) + bias + residual): ATen's convolution (cuDNN on CUDA, the bias added
+    by it), then the residual and activation in one in-place pass over the output (the native
+    residual_act_ kernel, also for a residual of fewer channels), or the activation alone in place.
+    Device-generic, so the composition is tested on CPU as well."""
+    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
+    if residual is not None:
+        torch.ops.fastres_native.residual_act_(y, residual, act)
+    elif act == "relu":
+        y.relu_()
+    elif act == "relu6":
+        torch.nn.functional.hardtanh_(y, 0.0, 6.0)
+    elif act == "silu":
+        torch.nn.functional.silu(y, inplace=True)
+    return y
+
+
 def residual_missing(residual: Optional[Tensor], x: Tensor, weight: Tensor, stride, padding,
                      dilation) -> Optional[str]:
     """Why conv2d_onednn cannot add this residual, or None."""
@@ -303,7 +341,8 @@ def materialise_prologue(x: Tensor, addend: Optional[Tensor], pw, pb, pmean, pin
 
 def _conv2d_native_supports(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias,
                             pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act):
-    why = onednn_missing(x, weight, bias, pre_weight, pre_bias, pre_mean, pre_invstd, addend, residual)
+    missing = onednn_missing if x.device.type == "cpu" else cudnn_missing
+    why = missing(x, weight, bias, pre_weight, pre_bias, pre_mean, pre_invstd, addend, residual)
     bn_prologue = any(t is not None for t in (pre_weight, pre_bias, pre_mean, pre_invstd)) or pre_act != "identity"
     if why is None and bn_prologue and B.NATIVE_MISSING is not None:
         why = f"the BN-act prologue needs the native bn_act kernel: {B.NATIVE_MISSING}"
@@ -319,11 +358,12 @@ def _conv2d_stats_native_supports(*args):
 def _conv2d_native(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
                    pre_invstd, pre_act, pre_training, addend, residual, act):
     a = materialise_prologue(x, addend, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act)
-    return conv2d_onednn(a, weight, bias, stride, padding, dilation, groups, residual, act)
+    conv = conv2d_onednn if x.device.type == "cpu" else conv2d_cudnn
+    return conv(a, weight, bias, stride, padding, dilation, groups, residual, act)
 
 
 B.register("conv2d_stats", "native", supports=_conv2d_stats_native_supports, kernel=False)(_composed_stats("native"))
-# ==== end of the native CPU implementation ====================================================
+# ==== end of the native implementation ========================================================
 
 
 # ==== triton implementation: implicit-GEMM kernel with fused prologue and epilogue ===============
