@@ -2,21 +2,49 @@
 
 `pytest bench/` measures; `pytest bench/ --quick` runs every provider once on tiny shapes so that
 CI catches breakage (the numbers mean nothing; torch.compile runs on the models only, each graph
-costs seconds). Providers, their setup and the timed step come from `fastres.benchmark`, the
-implementation `fastres bench` uses. Timings are reported, never asserted."""
+costs seconds). `--device cuda` runs every suite on the GPU, with the providers that exist there
+(fastres-triton and fastres-tuned among them) and synchronised steps; `--dtype bf16` sets the
+blocks' and models' dtype (the op suite stays fp32). Providers, their setup and the timed step
+come from `fastres.benchmark`, the implementation `fastres bench` uses. Timings are reported,
+never asserted."""
 import pytest
 import torch
 
-from fastres.benchmark import Case
+from fastres.benchmark import DTYPES, Case, providers
 
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="tiny shapes, one round per provider")
+    parser.addoption("--device", default="cpu", choices=["cpu", "cuda"], help="where every suite runs")
+    parser.addoption("--dtype", default="fp32", choices=list(DTYPES), help="the blocks' and models' dtype")
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: no CUDA device is available")
+
+
+def pytest_generate_tests(metafunc):
+    """`provider` takes every provider on the chosen device, less a module's EXCLUDED_PROVIDERS."""
+    if "provider" in metafunc.fixturenames:
+        excluded = getattr(metafunc.module, "EXCLUDED_PROVIDERS", ())
+        metafunc.parametrize("provider", [p for p in providers(metafunc.config.getoption("--device"))
+                                          if p not in excluded])
 
 
 @pytest.fixture(scope="session")
 def quick(request) -> bool:
     return request.config.getoption("--quick")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
+
+
+@pytest.fixture(scope="session")
+def dtype(request) -> torch.dtype:
+    return DTYPES[request.config.getoption("--dtype")]
 
 
 @pytest.fixture(scope="session")

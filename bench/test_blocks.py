@@ -12,7 +12,7 @@ import torch.nn as nn
 import torchvision.models.resnet as tv
 
 from bench.conftest import run
-from fastres.benchmark import group_name, prepare, providers
+from fastres.benchmark import group_name, prepare
 
 TRAFFIC = Path(__file__).resolve().parents[1] / "docs" / "traffic.json"
 
@@ -73,16 +73,16 @@ def _modeled(block: str, mode: str) -> dict:
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("subject", list(SUBJECTS))
-@pytest.mark.parametrize("provider", providers())
-def test_block(benchmark, quick, baselines, subject, mode, provider):
+def test_block(benchmark, quick, baselines, device, dtype, subject, mode, provider):
     build, shape, block = SUBJECTS[subject]
     if quick and provider == "compile":
         pytest.skip("quick mode compiles only in test_models.py (C++ codegen costs seconds per graph)")
     if quick:
         shape = (2, shape[1], min(shape[2], 8), min(shape[3], 8))   # train-mode BN in an SE needs 2 images
-    benchmark.group = group_name(subject, shape, torch.float32, mode)
+    benchmark.group = group_name(subject, shape, dtype, mode)
     torch.manual_seed(0)
-    case = prepare(provider, build(), torch.randn(shape), train=mode == "train")
+    case = prepare(provider, build().to(device, dtype), torch.randn(shape, device=device, dtype=dtype),
+                   train=mode == "train")
     if not quick:
         benchmark.extra_info.update(_modeled(block, mode))
     run(benchmark, case, quick=quick, batch=shape[0], baselines=baselines)

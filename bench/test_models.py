@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.conftest import run
-from fastres.benchmark import build, group_name, prepare, providers
+from fastres.benchmark import build, group_name, prepare
 
 # resnetv2_50 is timm's pre-activation ResNet-50
 MODELS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "resnetv2_50", "res2net50_26w_4s", "rexnet_100",
@@ -20,11 +20,10 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
-@pytest.mark.parametrize("provider", providers())
-def test_model(benchmark, quick, baselines, name, mode, provider):
+def test_model(benchmark, quick, baselines, device, dtype, name, mode, provider):
     # train-mode BN needs more than one value per channel in the last stage (1x1 at 32x32)
     batch, size = (2 if mode == "train" else 1, 32) if quick else (8, 224)
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     benchmark.group = group_name(name, x.shape, x.dtype, mode)
-    case = prepare(provider, build(name), x, train=mode == "train")
+    case = prepare(provider, build(name).to(device, dtype), x, train=mode == "train")
     run(benchmark, case, quick=quick, batch=batch, baselines=baselines)

@@ -12,7 +12,7 @@ import torch.nn.functional as TF
 
 from bench.conftest import run
 from fastres import functional as F
-from fastres.benchmark import Case, group_name, providers
+from fastres.benchmark import Case, fastres_backend, group_name, synchronize, tuned_if
 from fastres.traffic import aten_bytes
 
 CL = torch.channels_last
@@ -82,17 +82,21 @@ SUBJECTS = {
 CASES = [(s, m) for s, (_, _, modes) in SUBJECTS.items() for m in modes]
 
 
-def _step(fn: Callable, inputs: tuple, train: bool) -> Callable:
+def _step(fn: Callable, inputs: tuple, train: bool, device: torch.device) -> Callable:
+    """One synchronised forward (no grad), or forward + backward of the output's sum."""
     if not train:
         def infer():
             with torch.no_grad():
-                return fn(*inputs)
+                out = fn(*inputs)
+            synchronize(device)
+            return out
         return infer
     leaves = [t.detach().requires_grad_() for t in inputs]
 
     def fwd_bwd():
         out = fn(*leaves)
         (out if isinstance(out, torch.Tensor) else out[0]).sum().backward()
+        synchronize(device)
         for t in leaves:
             t.grad = None
     return fwd_bwd
@@ -100,28 +104,32 @@ def _step(fn: Callable, inputs: tuple, train: bool) -> Callable:
 
 def _case(provider: str, eager: Callable, fused: Callable, inputs: tuple, train: bool) -> Case:
     t0 = time.perf_counter()
+    tuned = False
     if provider == "eager":
         fn = eager
     elif provider == "compile":
         fn = torch.compile(eager)
     else:
-        backend = provider.split("-", 1)[1]
+        backend, tuned = fastres_backend(provider)
         fn = lambda *xs: fused(*xs, backend=backend)
-    step = _step(fn, inputs, train)
+    step = tuned_if(tuned, _step(fn, inputs, train, inputs[0].device))
     step()
     return Case(provider, step, time.perf_counter() - t0, None)
 
 
+EXCLUDED_PROVIDERS = ("eager_cl",)   # the inputs are channels_last already
+
+
 @pytest.mark.parametrize("subject, mode", CASES, ids=[f"{s}-{m}" for s, m in CASES])
-@pytest.mark.parametrize("provider", [p for p in providers() if p != "eager_cl"])
-def test_op(benchmark, quick, baselines, subject, mode, provider):
+def test_op(benchmark, quick, baselines, device, subject, mode, provider):
     build, shape, _ = SUBJECTS[subject]
     if quick and provider == "compile":
         pytest.skip("quick mode compiles only in test_models.py (C++ codegen costs seconds per graph)")
     if quick:
         shape = (1, shape[1], 8, 8)
     torch.manual_seed(0)
-    inputs, eager, fused = build(shape)
+    with device:   # every tensor the subject makes
+        inputs, eager, fused = build(shape)
     benchmark.group = group_name(subject, shape, torch.float32, mode)
     case = _case(provider, eager, fused, inputs, mode == "train")
     if provider != "compile":   # inductor's generated kernels bypass the dispatcher

@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, TextIO
+from typing import Any, Callable, Iterable, Optional, TextIO
 
 import torch
 
@@ -51,11 +51,32 @@ def build(name: str) -> torch.nn.Module:
 
 
 def providers(device: str | torch.device = "cpu") -> list[str]:
-    """Every provider that can run on `device` (Triton only on CUDA: on CPU it is interpreted)."""
+    """Every provider that can run on `device` (Triton only on CUDA: on CPU it is interpreted).
+    On CUDA with Triton, `fastres-tuned` is `auto` with fastres.tuning on: per conv shape, the
+    faster of cuDNN + native kernels and the Triton conv (its setup time includes measuring)."""
     import fastres
     device = torch.device(device)
-    return ["eager", "eager_cl", "compile"] + [f"fastres-{b}" for b in fastres.available_backends(device)
-                                                if b != "triton" or device.type == "cuda"]
+    backends = [b for b in fastres.available_backends(device) if b != "triton" or device.type == "cuda"]
+    return ["eager", "eager_cl", "compile"] + [f"fastres-{b}" for b in backends] + \
+        (["fastres-tuned"] if "triton" in backends else [])
+
+
+def fastres_backend(provider: str) -> tuple[str, bool]:
+    """(backend, tuned) of a `fastres-*` provider."""
+    name = provider.split("-", 1)[1]
+    return ("auto", True) if name == "tuned" else (name, False)
+
+
+def tuned_if(tuned: bool, step: Callable[[], Any]) -> Callable[[], Any]:
+    """`step`, run with fastres.tuning on when `tuned`."""
+    if not tuned:
+        return step
+    from fastres.tuning import tune
+
+    def run():
+        with tune():
+            return step()
+    return run
 
 
 def provider_key(provider: str) -> tuple[int, str]:
@@ -117,10 +138,11 @@ def prepare(provider: str, model: torch.nn.Module, x: torch.Tensor, *, train: bo
         model = torch.compile(model, options={"freezing": not train and x.device.type == "cpu"})
     elif provider.startswith("fastres-"):
         import fastres
-        model = fastres.convert(model, backend=provider.split("-", 1)[1], inplace=True)
+        backend, tuned = fastres_backend(provider)
+        model = fastres.convert(model, backend=backend, inplace=True)
     elif provider not in ("eager", "eager_cl"):
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(providers(x.device))}")
-    step = _step(model, x, train=train)
+    step = tuned_if(provider == "fastres-tuned", _step(model, x, train=train))
     out = step()
     setup_s = time.perf_counter() - t0
     return Case(provider, step, setup_s, None if out is None else out.clone())  # later steps may reuse memory
