@@ -200,13 +200,12 @@ def _operands(func, args, kwargs, out) -> tuple[dict, dict]:
 
 
 def _custom_op_impl(func) -> Optional[Callable]:
-    """The Python implementation of a `torch.library.custom_op` of the fastres namespace (called
-    directly: dispatching the op again would come straight back to the mode)."""
+    """The Python kernel of a fastres op (called directly: dispatching the op again would come
+    straight back to the mode)."""
     if func.namespace != "fastres":
         return None
-    from torch._library.custom_ops import OPDEFS
-    opdef = OPDEFS.get(func._schema.name)
-    return None if opdef is None else opdef._init_fn
+    from fastres.ops.library import IMPLS
+    return IMPLS.get(func._schema.name.split("::")[1])
 
 
 class _AtenMode(TorchDispatchMode):

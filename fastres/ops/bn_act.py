@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastres import backend as B
+from fastres.ops import library
 from fastres.ops import reference as ref
 
 
@@ -40,7 +41,7 @@ def unaliased(outs, inputs) -> tuple:
 
 
 # ---- bn_act ----------------------------------------------------------------------------------
-@torch.library.custom_op("fastres::bn_act", mutates_args=())
+@library.op("fastres::bn_act", mutates_args=())
 def bn_act(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
            invstd: Optional[Tensor], residual: Optional[Tensor], act: str, training: bool,
            backend: str) -> Tensor:
@@ -55,7 +56,7 @@ def _(x, weight, bias, mean, invstd, residual, act, training, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fastres::bn_act_backward", mutates_args=())
+@library.op("fastres::bn_act_backward", mutates_args=())
 def bn_act_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     mean: Optional[Tensor], invstd: Optional[Tensor], residual: Optional[Tensor],
                     out: Optional[Tensor], act: str, training: bool, output_mask: Sequence[bool],
@@ -98,7 +99,7 @@ bn_act.register_autograd(_backward, setup_context=_setup)
 
 
 # ---- batch_stats -----------------------------------------------------------------------------
-@torch.library.custom_op("fastres::batch_stats", mutates_args=())
+@library.op("fastres::batch_stats", mutates_args=())
 def batch_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Per-channel (mean, biased variance) over every dim but 1; fp32 for half inputs."""
     return B.choose("batch_stats", backend, x.device, (x,))(x)

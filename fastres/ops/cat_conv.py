@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fastres import backend as B
+from fastres.ops import library
 from fastres.ops import reference as ref
 from fastres.ops.bn_act import check_act
 from fastres.ops.conv import _conv2d_fake
@@ -55,7 +56,7 @@ def _check(parts, pre_vectors, prologue, pre_training, weight, groups) -> None:
                          f"parts' channels), groups = {groups}; got {tuple(weight.shape)}")
 
 
-@torch.library.custom_op("fastres::cat_conv2d_stats", mutates_args=())
+@library.op("fastres::cat_conv2d_stats", mutates_args=())
 def cat_conv2d_stats(parts: Sequence[Tensor], pre_weight: Optional[Tensor], pre_bias: Optional[Tensor],
                      pre_mean: Optional[Tensor], pre_invstd: Optional[Tensor], pre_act: str,
                      prologue: Sequence[bool], pre_training: Sequence[bool], weight: Tensor, bias: Optional[Tensor],

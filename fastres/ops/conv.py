@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastres import backend as B
+from fastres.ops import library
 from fastres.ops import reference as ref
 from fastres.ops.bn_act import check_act, check_bn
 
@@ -28,7 +29,7 @@ def out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> list[int]
     return [x.shape[0], weight.shape[0], *hw]
 
 
-@torch.library.custom_op("fastres::conv2d", mutates_args=())
+@library.op("fastres::conv2d", mutates_args=())
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
            padding: Sequence[int], dilation: Sequence[int], groups: int,
            pre_weight: Optional[Tensor], pre_bias: Optional[Tensor], pre_mean: Optional[Tensor],
@@ -166,7 +167,7 @@ B.register("conv2d", "reference")(ref.conv2d)
 
 
 # ---- conv2d with its output's batch statistics --------------------------------------------------
-@torch.library.custom_op("fastres::conv2d_stats", mutates_args=())
+@library.op("fastres::conv2d_stats", mutates_args=())
 def conv2d_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                  padding: Sequence[int], dilation: Sequence[int], groups: int,
                  pre_weight: Optional[Tensor], pre_bias: Optional[Tensor], pre_mean: Optional[Tensor],

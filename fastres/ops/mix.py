@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastres import backend as B
+from fastres.ops import library
 from fastres.ops import reference as ref
 from fastres.ops.bn_act import check_act
 from fastres.ops.conv import _memory_format, conv2d_onednn, onednn_missing, out_shape
@@ -46,7 +47,7 @@ def check_mix(states: Tensor, mix: Tensor, weight: Tensor, groups: int) -> None:
                          f"({weight.device}) must be on one device")
 
 
-@torch.library.custom_op("fastres::mix_conv2d", mutates_args=())
+@library.op("fastres::mix_conv2d", mutates_args=())
 def mix_conv2d(states: Tensor, mix: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                padding: Sequence[int], dilation: Sequence[int], groups: int, act: str, backend: str) -> Tensor:
     check_mix(states, mix, weight, groups)

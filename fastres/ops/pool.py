@@ -17,6 +17,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from fastres import backend as B
+from fastres.ops import library
 from fastres.ops import reference as ref
 from fastres.ops.bn_act import bn_act, bn_act_backward, check_act, check_bn
 
@@ -33,7 +34,7 @@ def _has_prologue(weight, bias, mean, invstd, act: str) -> bool:
     return not (weight is None and bias is None and mean is None and invstd is None and act == "identity")
 
 
-@torch.library.custom_op("fastres::bn_act_pool2d", mutates_args=())
+@library.op("fastres::bn_act_pool2d", mutates_args=())
 def bn_act_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
                   invstd: Optional[Tensor], act: str, training: bool, kind: str,
                   kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from fastres import backend as B
+from fastres.ops import library
 from fastres.ops import reference as ref
 from fastres.ops.bn_act import TRITON_DTYPES, check_act, triton_device, triton_supports, unaliased
 
@@ -17,7 +18,7 @@ def _check_gate(op: str, x: Tensor, gate: Tensor) -> None:
         raise ValueError(f"fastres.{op}: gate must be (N, C) = {tuple(x.shape[:2])}, got {tuple(gate.shape)}")
 
 
-@torch.library.custom_op("fastres::se_gate_act", mutates_args=())
+@library.op("fastres::se_gate_act", mutates_args=())
 def se_gate_act(x: Tensor, gate: Tensor, residual: Optional[Tensor], act: str, backend: str) -> Tensor:
     check_act(act)
     _check_gate("se_gate_act", x, gate)
@@ -30,7 +31,7 @@ def _(x, gate, residual, act, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fastres::se_gate_act_backward", mutates_args=())
+@library.op("fastres::se_gate_act_backward", mutates_args=())
 def se_gate_act_backward(grad: Tensor, x: Tensor, gate: Tensor, residual: Optional[Tensor], out: Tensor,
                          act: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Grads of (x, gate, residual); the residual's is empty without a residual."""

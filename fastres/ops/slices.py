@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastres import backend as B
+from fastres.ops import library
 
 
 def _empty_sum(slot: Tensor) -> Tensor:
@@ -40,7 +41,7 @@ def _check(x: Tensor, y: Tensor, slot: Tensor) -> None:
         raise TypeError(f"fastres.split_add: expects floating tensors, got {slot.dtype}")
 
 
-@torch.library.custom_op("fastres::split_add", mutates_args=("slot",))
+@library.op("fastres::split_add", mutates_args=("slot",))
 def split_add(x: Tensor, y: Tensor, slot: Tensor, backend: str) -> Tensor:
     _check(x, y, slot)
     args = (x, y, slot)
