@@ -100,15 +100,23 @@ _loaded: set[str] = set()
 _warned: set[str] = set()
 
 
+def _read() -> dict:
+    """The cache file's contents; {} if it is missing, unreadable or not what `_save` writes."""
+    try:
+        saved = json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _table(env: str) -> dict[str, dict]:
     if env not in _loaded:
         _loaded.add(env)
-        try:
-            saved = json.loads(cache_path().read_text()).get(env, {})
-        except (OSError, ValueError):
-            saved = {}
-        _decisions.setdefault(env, {}).update({k: v for k, v in saved.items() if isinstance(v, dict)
-                                               and isinstance(v.get("choice"), str)})
+        saved = _read().get(env)
+        entries = saved.items() if isinstance(saved, dict) else ()
+        _decisions.setdefault(env, {}).update(
+            {k: v for k, v in entries if isinstance(v, dict) and isinstance(v.get("choice"), str)
+             and isinstance(v.get("ms"), dict)})
     return _decisions.setdefault(env, {})
 
 
@@ -116,11 +124,9 @@ def _save(env: str) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            everything = json.loads(path.read_text())
-        except (OSError, ValueError):
-            everything = {}
-        everything[env] = {**everything.get(env, {}), **_decisions[env]}
+        everything = _read()
+        mine = everything.get(env)
+        everything[env] = {**(mine if isinstance(mine, dict) else {}), **_decisions[env]}
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
             json.dump(everything, f, indent=1, sort_keys=True)
         os.replace(f.name, path)
@@ -156,6 +162,8 @@ def choose(op: str, device: torch.device, args: Sequence[Any],
     """(name, fn, why) of the candidate to run: the cached decision for this key, or, when tuning
     is on and the arguments can be timed, the fastest one measured now (the first candidate, the
     default, unless another beats it by MARGIN). None: no decision (run the default as usual)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     env = _environment(device)
     table = _table(env)
     if not table and not _enabled:

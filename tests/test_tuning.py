@@ -199,3 +199,15 @@ def test_benchmark_providers_on_cuda_include_the_tuned_choice():
     step = tuned_if(True, tuning.enabled)
     assert step() is True and not tuning.enabled()
     assert tuned_if(False, tuning.enabled)() is False
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"env": [1]}', '{"x": {"k": {"choice": 3}}}'])
+def test_a_damaged_cache_file_is_ignored_and_rewritten(monkeypatch, tmp_path, text):
+    (tmp_path / "tuning.json").write_text(text)
+    monkeypatch.setattr(tuning, "timer", FakeTimer({"native": 2.0, "triton": 1.0}))
+    x = torch.randn(1, 1, 2, 2)
+    with fastres.tune():
+        assert tuning.choose("conv2d", CPU, (x,), CANDIDATES)[0] == "triton"
+    (table,) = [v for v in json.loads((tmp_path / "tuning.json").read_text()).values()
+                if isinstance(v, dict) and tuning.key("conv2d", (x,)) in v]
+    assert table[tuning.key("conv2d", (x,))]["choice"] == "triton"
