@@ -272,13 +272,7 @@ def conv2d_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Seq
     else:
         y = mk._convolution_pointwise.binary(x, residual, weight, bias, padding, stride, dilation, groups,
                                              "add", 1.0, unary, [], "")
-    if act == "relu" and not fuse:
-        y.relu_()
-    elif act == "relu6":
-        torch.nn.functional.hardtanh_(y, 0.0, 6.0)
-    elif act == "silu":
-        torch.nn.functional.silu(y, inplace=True)
-    return y
+    return y if fuse else ref.apply_act_(y, act)
 
 
 # ---- the same on CUDA: cuDNN's convolution, then the native kernels -----------------------------
@@ -306,14 +300,9 @@ def conv2d_cudnn(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
     residual_act_ kernel, also for a residual of fewer channels), or the activation alone in place.
     Device-generic, so the composition is tested on CPU as well."""
     y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0, 0], groups)
-    if residual is not None:
-        torch.ops.fastres_native.residual_act_(y, residual, act)
-    elif act == "relu":
-        y.relu_()
-    elif act == "relu6":
-        torch.nn.functional.hardtanh_(y, 0.0, 6.0)
-    elif act == "silu":
-        torch.nn.functional.silu(y, inplace=True)
+    if residual is None:
+        return ref.apply_act_(y, act)
+    torch.ops.fastres_native.residual_act_(y, residual, act)
     return y
 
 

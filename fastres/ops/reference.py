@@ -44,6 +44,17 @@ def apply_act(z: Tensor, act: str) -> Tensor:
     return z
 
 
+def apply_act_(z: Tensor, act: str) -> Tensor:
+    """apply_act in place."""
+    if act == "relu":
+        z.relu_()
+    elif act == "relu6":
+        F.hardtanh_(z, 0.0, 6.0)
+    elif act == "silu":
+        F.silu(z, inplace=True)
+    return z
+
+
 def act_backward(g: Tensor, act: str, *, z: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Tensor:
     """dL/dz from dL/dy. relu/relu6 read the mask from the output `y` (as ATen does) or from `z`;
     silu needs the pre-activation `z`."""
