@@ -20,11 +20,10 @@ import torch
 
 BACKENDS = ("auto", "reference", "native", "triton")
 # "auto" tries these in order, per device type. The Triton kernels are proven in the interpreter
-# and compiled offline for sm_80/sm_90 but have not yet been timed against cuDNN on a GPU, so on
-# CUDA they run when asked for (backend="triton"), not by default.
+# and compiled offline for sm_80/sm_90; on CUDA they run when asked for (backend="triton"), or ...
 _AUTO_ORDER = {"cuda": ("native", "reference"), "cpu": ("native", "reference")}
-# ... except where a measurement says otherwise: per device type, the ops whose auto choice may be
-# replaced by one of these challengers when fastres.tuning has timed both on the call's shapes
+# ... where a measurement says so: per device type, the ops whose auto choice is replaced by one
+# of these challengers where fastres.tuning timed it faster on the call's shapes
 _MEASURED = {"cuda": {"conv2d": ("triton",), "conv2d_stats": ("triton",)}}
 
 
@@ -212,7 +211,7 @@ def _measured(op: str, name: str, fn: Callable, device: torch.device, args):
     support these args, or None (no challenger, or no decision: `name` runs)."""
     challengers = []
     for other in _MEASURED.get(device.type, {}).get(op, ()):
-        impl, _ = _try(op, other, device, args) if other != name else (None, "")
+        impl = _try(op, other, device, args)[0] if other != name else None
         if impl is not None:
             challengers.append((other, impl.fn))
     if not challengers:

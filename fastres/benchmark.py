@@ -131,6 +131,7 @@ def prepare(provider: str, model: torch.nn.Module, x: torch.Tensor, *, train: bo
     once: the setup time covers the memory-format change, convert / compile and that first step."""
     model = copy.deepcopy(model).train(train)
     t0 = time.perf_counter()
+    tuned = False
     if provider != "eager":
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     if provider == "compile":
@@ -142,7 +143,7 @@ def prepare(provider: str, model: torch.nn.Module, x: torch.Tensor, *, train: bo
         model = fastres.convert(model, backend=backend, inplace=True)
     elif provider not in ("eager", "eager_cl"):
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(providers(x.device))}")
-    step = tuned_if(provider == "fastres-tuned", _step(model, x, train=train))
+    step = tuned_if(tuned, _step(model, x, train=train))
     out = step()
     setup_s = time.perf_counter() - t0
     return Case(provider, step, setup_s, None if out is None else out.clone())  # later steps may reuse memory
