@@ -1,4 +1,4 @@
-"""Measured per-shape choice between two implementations of one op, cached.
+"""Measured per-shape choice between implementations of one op, cached.
 
 On CUDA, `backend="auto"` runs a convolution as cuDNN plus the native elementwise kernels; the
 fused Triton conv is faster for some shapes and slower for others, and only a measurement tells
