@@ -197,14 +197,15 @@ def _channels_contiguous(x: Tensor) -> bool:
 
 @B.register("bn_act", "triton",
             supports=lambda x, w, b, mean, invstd, res, act: triton_supports(x, w, b, mean, invstd, res, same_shape=res))
-def bn_act_triton(x, weight, bias, mean, invstd, residual, act):
-    """act(BN(x) + residual) in one kernel; the output has x's layout (empty_like)."""
+def bn_act_triton(x, weight, bias, mean, invstd, residual, act, *, out: Optional[Tensor] = None):
+    """act(BN(x) + residual) in one kernel; the output has x's layout (empty_like), or is written
+    into `out` (x's shape and dtype, any strides: e.g. a channel slice of a concatenation)."""
     import triton
 
     from fastres.kernels import bn_act as K
     from fastres.kernels.conv import ACTS
     scale, shift = ref.scale_shift(weight, bias, mean, invstd, x)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     n, c, h, w = x.shape
     bp, bc = K.pick_blocks(c, _channels_contiguous(x))
     grid = (triton.cdiv(n * h * w, bp), triton.cdiv(c, bc))

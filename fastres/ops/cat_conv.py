@@ -12,9 +12,11 @@ part on its channels of the input gradient. So training stores what a sum of per
 stores, with one convolution in each direction instead of one per part.
 
 Native (CPU): `a` is formed in native bn_act passes and one cat, then one oneDNN convolution
-(oneDNN takes no input-side prologue). Triton: a sum of per-part convs, each part's prologue
-applied as its conv loads it and the running sum added in the next conv's epilogue, so `a` never
-exists; the last conv's epilogue gives the statistics.
+(oneDNN takes no input-side prologue). Triton, whichever moves fewer bytes: each part's BN-act
+written at its channel offset of one buffer, then one conv; or a sum of per-part convs, each
+part's prologue applied as its conv loads it and the running sum added in the next conv's
+epilogue, so `a` never exists (one part, or an output much narrower than the parts). The last
+conv's epilogue gives the statistics.
 """
 from __future__ import annotations
 
@@ -193,13 +195,35 @@ def _triton_supports(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act,
     return None
 
 
+def _concat_pays(parts: Sequence[Tensor], weight: Tensor, out_pixels: int) -> bool:
+    """Whether writing the prologues' outputs into one concatenation and running one conv moves
+    fewer bytes than the sum of per-part convs: the concatenation is written and read once more
+    (2 x C input planes), the sum reads and writes its running output once per extra part
+    (2 x (P - 1) x K output planes)."""
+    c, hw = sum(p.shape[1] for p in parts), parts[0].shape[2] * parts[0].shape[3]
+    return c * hw < (len(parts) - 1) * weight.shape[0] * out_pixels
+
+
 @B.register("cat_conv2d_stats", "triton", supports=_triton_supports)
 def _cat_conv2d_stats_triton(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training,
                              weight, bias, stride, padding, dilation, groups):
-    from fastres.ops.conv import conv2d_triton
+    """The cheaper in bytes (`_concat_pays`) of: each part's BN-act written at its channel offset
+    of one channels_last buffer (no cat), then one conv with the statistics in its epilogue; or
+    a sum of per-part convs with the prologues applied as they load."""
+    from fastres.ops.bn_act import bn_act_triton
+    from fastres.ops.conv import conv2d_triton, out_shape
+    prologues = list(_prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training))
+    oh, ow = out_shape(parts[0], weight, stride, padding, dilation)[2:]
+    if _concat_pays(parts, weight, oh * ow):
+        n, _, h, w = parts[0].shape
+        a = torch.empty((n, weight.shape[1], h, w), dtype=parts[0].dtype, device=parts[0].device,
+                        memory_format=torch.channels_last)
+        for slot, (x, w_, b, m, s, act, _) in zip(torch.split(a, [p.shape[1] for p in parts], 1), prologues):
+            bn_act_triton(x, w_, b, m, s, None, act, out=slot)
+        return conv2d_triton(a, weight, bias, stride, padding, dilation, 1, None, None, None, None, "identity",
+                             False, None, None, "identity", stats=True)
     out = None
-    steps = list(zip(_prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training),
-                     _weight_parts(parts, weight)))
+    steps = list(zip(prologues, _weight_parts(parts, weight)))
     for j, ((x, w, b, m, s, act, training), w_j) in enumerate(steps):
         out = conv2d_triton(x, w_j, bias if j == 0 else None, stride, padding, dilation, 1, w, b, m, s, act,
                             training, None, out, "identity", stats=j == len(steps) - 1)

@@ -1,8 +1,9 @@
-"""The triton backend of cat_conv2d_stats on CPU under TRITON_INTERPRET=1: a sum of per-part convs
-(each part's BN-act in its conv's input load, the running sum in the next conv's epilogue, the
-statistics from the last one) equals the reference's conv of the concatenation, forward (against
-float64) and backward, fp32 and bf16. Run by tests/ops/test_triton.py in a subprocess (see
-conftest.py)."""
+"""The triton backend of cat_conv2d_stats on CPU under TRITON_INTERPRET=1, both of its ways: each
+part's BN-act written into its slot of one buffer then one conv (a wide output), and a sum of
+per-part convs (each part's BN-act in its conv's input load, the running sum in the next conv's
+epilogue; a narrow output). Each equals the reference's conv of the concatenation, forward
+(against float64) and backward, fp32 and bf16. Run by tests/ops/test_triton.py in a subprocess
+(see conftest.py)."""
 import os
 
 import pytest
@@ -38,10 +39,23 @@ def _f64(args):
             else a.double() if isinstance(a, torch.Tensor) else a for a in args]
 
 
+# output channels: 52 input channels in 4 parts go to one concatenation for 50 outputs, to a sum of
+# per-part convs for 12 (fastres.ops.cat_conv._concat_pays)
+WAYS = {"concat": 50, "sum": 12}
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_the_way_is_the_one_that_moves_fewer_bytes(way):
+    from fastres.ops.cat_conv import _concat_pays
+    args = args_of(torch.float32, k=WAYS[way])
+    assert _concat_pays(args[0], args[8], 6 * 5) == (way == "concat")
+
+
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=IDS.get)
 @pytest.mark.parametrize("prologue", [(True, True, True, False), (True, True, True, True)], ids=["pooled", "all"])
-def test_forward(prologue, dtype):
-    args = args_of(dtype, prologue=prologue)
+def test_forward(prologue, dtype, way):
+    args = args_of(dtype, prologue=prologue, k=WAYS[way])
     with B.recording() as rec:
         got = torch.ops.fastres.cat_conv2d_stats(*args, "triton")
     assert rec and {r[2] for r in rec} == {"triton"}, rec
@@ -54,8 +68,9 @@ def test_forward(prologue, dtype):
             assert_as_accurate(a, e, o, dtype=dtype, name=name)
 
 
-def test_backward_matches_reference():
-    args = args_of(torch.float32)
+@pytest.mark.parametrize("way", WAYS)
+def test_backward_matches_reference(way):
+    args = args_of(torch.float32, k=WAYS[way])
     leaves = [*args[0], args[1], args[2], args[8], args[9]]
     for t in leaves:
         t.requires_grad_()
@@ -65,5 +80,6 @@ def test_backward_matches_reference():
         assert_close(a, e, reduced=2 * 30 * 52)
 
 
-def test_opcheck():
-    opcheck(torch.ops.fastres.cat_conv2d_stats.default, (*args_of(torch.float32), "triton"))
+@pytest.mark.parametrize("way", WAYS)
+def test_opcheck(way):
+    opcheck(torch.ops.fastres.cat_conv2d_stats.default, (*args_of(torch.float32, k=WAYS[way]), "triton"))
