@@ -97,11 +97,30 @@ def _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prolo
 
 
 def _input(backend: str, *prologue_args) -> Tensor:
-    """a = cat_i(pre_act(BN_i(part_i))), each part's BN-act the bn_act op's on `backend`."""
-    from fastres.ops.bn_act import bn_act
+    """a = cat_i(pre_act(BN_i(part_i))), each part's BN-act the bn_act op's on `backend`; where
+    that is the Triton kernel, written straight into the part's slot of `a` (`_slotted`)."""
+    from fastres.ops.bn_act import bn_act, bn_act_triton
+    prologues = list(_prologues(*prologue_args))
+    x0, w0, b0, m0, s0, act0, _ = prologues[0]
+    if len(prologues) > 1 and B.choose("bn_act", backend, x0.device, (x0, w0, b0, m0, s0, None, act0)) \
+            is bn_act_triton:
+        return _slotted(prologues)
     acts = [bn_act(x, w, b, m, s, None, act, False, backend) if ref.has_prologue(w, b, m, s, act) else x
-            for x, w, b, m, s, act, _ in _prologues(*prologue_args)]
+            for x, w, b, m, s, act, _ in prologues]
     return torch.cat(acts, 1) if len(acts) > 1 else acts[0]
+
+
+def _slotted(prologues) -> Tensor:
+    """One channels_last buffer holding every part's BN-act (a copy for a part without one), each
+    written at its channel offset by the Triton bn_act kernel: the concatenation without a cat."""
+    from fastres.ops.bn_act import bn_act_triton
+    x0 = prologues[0][0]
+    n, _, h, w = x0.shape
+    sizes = [p[0].shape[1] for p in prologues]
+    a = torch.empty((n, sum(sizes), h, w), dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
+    for slot, (x, w_, b, m, s, act, _) in zip(torch.split(a, sizes, 1), prologues):
+        bn_act_triton(x, w_, b, m, s, None, act, out=slot)
+    return a
 
 
 def _setup(ctx, inputs, output):
@@ -210,18 +229,12 @@ def _cat_conv2d_stats_triton(parts, pre_weight, pre_bias, pre_mean, pre_invstd, 
     """The cheaper in bytes (`_concat_pays`) of: each part's BN-act written at its channel offset
     of one channels_last buffer (no cat), then one conv with the statistics in its epilogue; or
     a sum of per-part convs with the prologues applied as they load."""
-    from fastres.ops.bn_act import bn_act_triton
     from fastres.ops.conv import conv2d_triton, out_shape
     prologues = list(_prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training))
     oh, ow = out_shape(parts[0], weight, stride, padding, dilation)[2:]
     if _concat_pays(parts, weight, oh * ow):
-        n, _, h, w = parts[0].shape
-        a = torch.empty((n, weight.shape[1], h, w), dtype=parts[0].dtype, device=parts[0].device,
-                        memory_format=torch.channels_last)
-        for slot, (x, w_, b, m, s, act, _) in zip(torch.split(a, [p.shape[1] for p in parts], 1), prologues):
-            bn_act_triton(x, w_, b, m, s, None, act, out=slot)
-        return conv2d_triton(a, weight, bias, stride, padding, dilation, 1, None, None, None, None, "identity",
-                             False, None, None, "identity", stats=True)
+        return conv2d_triton(_slotted(prologues), weight, bias, stride, padding, dilation, 1, None, None, None,
+                             None, "identity", False, None, None, "identity", stats=True)
     out = None
     steps = list(zip(prologues, _weight_parts(parts, weight)))
     for j, ((x, w, b, m, s, act, training), w_j) in enumerate(steps):
