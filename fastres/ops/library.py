@@ -2,8 +2,9 @@
 `torch.library.custom_op`.
 
 `custom_op` wraps every call of a Python kernel in a torch.compile guard and an aliasing check of
-its results; for ops as short as ours (a few kernels on small tensors) that costs about 55 us a
-call on a 2-core CPU, more than many of the kernels. The schema is still inferred from the type
+its results; for ops as short as ours (a few kernels on small tensors) that costs about 35 us a
+call more than a plain kernel registration on a 2-core CPU (a 17-argument conv2d without grad:
+123 against 89 us, its kernel function alone 73 us), as much as some of the kernels. The schema is still inferred from the type
 annotations (`torch.library.infer_schema`), the kernel is registered once for every device
 (CompositeExplicitAutograd), and fake and autograd formulas go through `torch.library`
 (`register_fake`, `register_autograd`), so the ops are the same to torch.compile, opcheck and
