@@ -179,7 +179,15 @@ _scope: list[str] = []
 
 
 def choose(op: str, backend: str, device: torch.device, args) -> Callable:
-    """The implementation of `op` that runs for `backend` on these args, falling back visibly."""
+    """The implementation of `op` that runs for `backend` on these args, falling back visibly.
+    While an op is decomposed for tracing (`decomposing`), anything but Triton raises Opaque."""
+    name, fn = _choose(op, backend, device, args)
+    if _decomposing and name != "triton":
+        raise Opaque(f"{op} runs on {name}")
+    return fn
+
+
+def _choose(op: str, backend: str, device: torch.device, args) -> tuple[str, Callable]:
     if backend == "auto":
         reasons = []
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
@@ -189,21 +197,21 @@ def choose(op: str, backend: str, device: torch.device, args) -> Callable:
                 if tuned is not None:
                     name, fn, why = tuned
                     _record(op, name, "auto: " + why)
-                    return fn
+                    return name, fn
                 _record(op, name, "auto: " + ("; ".join(reasons) or f"first choice on {device.type}"))
-                return impl.fn
+                return name, impl.fn
             reasons.append(f"{name}: {why}")
         raise AssertionError(f"fastres: no implementation of {op}")  # reference supports everything
     impl, why = _try(op, backend, device, args)
     if impl is not None:
         _record(op, backend, "requested")
-        return impl.fn
+        return backend, impl.fn
     key = (op, backend, why)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"fastres: {op} falls back from {backend} to reference: {why}", stacklevel=3)
+        warnings.warn(f"fastres: {op} falls back from {backend} to reference: {why}", stacklevel=4)
     _record(op, "reference", f"fallback from {backend}: {why}")
-    return _TABLES[op]["reference"].fn
+    return "reference", _TABLES[op]["reference"].fn
 
 
 def _measured(op: str, name: str, fn: Callable, device: torch.device, args):
@@ -218,6 +226,53 @@ def _measured(op: str, name: str, fn: Callable, device: torch.device, args):
         return None
     from fastres import tuning
     return tuning.choose(op, device, args, [(name, fn), *challengers])
+
+
+# ---- tracing: an op that runs Triton kernels is traced as those kernels ----------------------
+class Opaque(Exception):
+    """Raised by `choose` while an op is decomposed for tracing and its implementation is not
+    Triton kernels (oneDNN, ATen, the extension): the op then stays one opaque call in the graph."""
+
+
+_decomposing = 0  # depth of ops being decomposed (fastres.ops.library); nested ops decompose too
+
+
+@contextlib.contextmanager
+def decomposing() -> Iterator[None]:
+    """Inside: `choose` only hands out Triton implementations, whose launches are wrapped for
+    tracing (`launcher`), and raises Opaque for any other."""
+    global _decomposing
+    _decomposing += 1
+    try:
+        yield
+    finally:
+        _decomposing -= 1
+
+
+def launcher(kernel):
+    """What to index with the grid to launch a Triton `kernel`: while an op is decomposed, a launch
+    that tracing records (`torch.library.wrap_triton`, a triton_kernel_wrapper node), else the kernel
+    itself, so an eager launch costs nothing more."""
+    return _TracedKernel(kernel) if _decomposing else kernel
+
+
+class _TracedKernel:
+    """`wrap_triton(kernel)[grid](...)` with the kernel's omitted default arguments filled in:
+    torch's analysis of what a traced kernel writes needs every argument of its signature."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid) -> Callable:
+        launch = torch.library.wrap_triton(self.kernel)[grid]
+        params = self.kernel.signature.parameters
+
+        def run(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in list(kwargs) if k not in params}  # num_warps, ...
+            bound = self.kernel.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return launch(**bound.arguments, **options)
+        return run
 
 
 def _record(op: str, backend: str, why: str) -> None:

@@ -182,9 +182,10 @@ def triton_supports(x: Tensor, *tensors: Optional[Tensor], same_shape: Optional[
 
 
 def triton_device(x: Tensor):
-    """Context selecting x's CUDA device for a launch (a no-op on CPU, i.e. the interpreter)."""
+    """Context selecting x's CUDA device for a launch (a no-op on CPU, i.e. the interpreter, and
+    while tracing: the compiled graph's launcher selects it)."""
     import contextlib
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(x.device) if x.is_cuda and not B._decomposing else contextlib.nullcontext()
 
 
 def _strides(t: Optional[Tensor]) -> tuple[int, ...]:
@@ -210,7 +211,7 @@ def bn_act_triton(x, weight, bias, mean, invstd, residual, act, *, out: Optional
     bp, bc = K.pick_blocks(c, _channels_contiguous(x))
     grid = (triton.cdiv(n * h * w, bp), triton.cdiv(c, bc))
     with triton_device(x):
-        K.bn_act_kernel[grid](
+        B.launcher(K.bn_act_kernel)[grid](
             x, scale if scale is not None else x, shift if shift is not None else x,
             residual if residual is not None else x, out,
             n * h * w, c, h * w, w, *x.stride(), *_strides(residual), *out.stride(),
@@ -236,7 +237,7 @@ def batch_stats_triton(x):
     chunks = triton.cdiv(p, tiles * bp)
     part = torch.empty((3, chunks, c), dtype=torch.float32, device=x.device)
     with triton_device(x):
-        K.batch_stats_partial_kernel[(chunks, c_blocks)](
+        B.launcher(K.batch_stats_partial_kernel)[(chunks, c_blocks)](
             x, part, p, c, h * w, w, tiles, *x.stride(), BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
         return combine_stats(part)
 
@@ -259,10 +260,10 @@ def combine_stats(part: Tensor) -> tuple[Tensor, Tensor]:
         span = math.isqrt(chunks - 1) + 1
         slices = triton.cdiv(chunks, span)
         merged = torch.empty((3, slices, c), dtype=torch.float32, device=part.device)
-        K.batch_stats_combine_kernel[(triton.cdiv(c, cb), slices)](part, merged, merged, c, chunks, span,
+        B.launcher(K.batch_stats_combine_kernel)[(triton.cdiv(c, cb), slices)](part, merged, merged, c, chunks, span,
                                                                   BLOCK_C=cb, FINAL=False, num_warps=K.NUM_WARPS)
         part, chunks = merged, slices
-    K.batch_stats_combine_kernel[(triton.cdiv(c, cb),)](part, mean, var, c, chunks, chunks, BLOCK_C=cb,
+    B.launcher(K.batch_stats_combine_kernel)[(triton.cdiv(c, cb),)](part, mean, var, c, chunks, chunks, BLOCK_C=cb,
                                                        num_warps=K.NUM_WARPS)
     return mean, var
 def _bn_backward_supports(grad, x, weight, bias, mean, invstd, residual, out, act, training, mask):
@@ -313,7 +314,7 @@ def bn_act_backward_triton(grad, x, weight, bias, mean, invstd, residual, out, a
 
     def launch(grid, tiles, g, act, recompute, **pass_flags):
         r = res if recompute else None
-        K.bn_act_backward_kernel[grid](
+        B.launcher(K.bn_act_backward_kernel)[grid](
             g, x, scale if scale is not None else x, shift if shift is not None else x,
             r if r is not None else x, out if out is not None else x, mean32, sums[2:],
             gx if need_x else x, gres if need_res else x, part if part.numel() else x,
@@ -329,7 +330,7 @@ def bn_act_backward_triton(grad, x, weight, bias, mean, invstd, residual, out, a
                    SUM_GX=sum_gx, GX=1 if need_x and not training else 0)
         if sum_g or sum_gx:
             cb = min(triton.next_power_of_2(c), 1024)
-            K.bn_act_backward_combine_kernel[(triton.cdiv(c, cb),)](
+            B.launcher(K.bn_act_backward_combine_kernel)[(triton.cdiv(c, cb),)](
                 part, invstd32, sums, c, chunks, float(p), TRAINING=second_pass, BLOCK_C=cb,
                 num_warps=K.NUM_WARPS)
         if second_pass:

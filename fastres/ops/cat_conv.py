@@ -28,33 +28,34 @@ from torch import Tensor
 from fastres import backend as B
 from fastres.ops import library
 from fastres.ops import reference as ref
-from fastres.ops.bn_act import check_act
+from fastres.ops.bn_act import check_act, unaliased
 from fastres.ops.conv import _conv2d_fake
 
 
-def _check(parts, pre_vectors, prologue, pre_training, weight, groups) -> None:
+def _check(op: str, parts, pre_vectors, prologue, pre_training, weight=None, groups=1) -> None:
+    """The arguments of cat_conv2d_stats (and without `weight`, of cat_bn_act)."""
     n = len(parts)
     if n == 0:
-        raise ValueError("fastres.cat_conv2d_stats: needs at least one part")
+        raise ValueError(f"fastres.{op}: needs at least one part")
     if len(prologue) != n or len(pre_training) != n:
-        raise ValueError(f"fastres.cat_conv2d_stats: prologue and pre_training need one entry per part ({n}), got "
+        raise ValueError(f"fastres.{op}: prologue and pre_training need one entry per part ({n}), got "
                          f"{len(prologue)} and {len(pre_training)}")
     p0 = parts[0]
     for i, p in enumerate(parts):
         if p.dim() != 4 or p.shape[0] != p0.shape[0] or p.shape[2:] != p0.shape[2:] or p.dtype != p0.dtype \
                 or p.device != p0.device:
-            raise ValueError(f"fastres.cat_conv2d_stats: part {i} must be (N, C_i, H, W) = ({p0.shape[0]}, *, "
+            raise ValueError(f"fastres.{op}: part {i} must be (N, C_i, H, W) = ({p0.shape[0]}, *, "
                              f"{p0.shape[2]}, {p0.shape[3]}) of dtype {p0.dtype} on {p0.device}, got "
                              f"{tuple(p.shape)} {p.dtype} on {p.device}")
     channels = sum(p.shape[1] for p in parts)
     for name, v in zip(("pre_weight", "pre_bias", "pre_mean", "pre_invstd"), pre_vectors):
         if v is not None and v.shape != (channels,):
-            raise ValueError(f"fastres.cat_conv2d_stats: {name} must have one value per channel of the parts "
+            raise ValueError(f"fastres.{op}: {name} must have one value per channel of the parts "
                              f"({channels},), got {tuple(v.shape)}")
     if any(t and p for t, p in zip(pre_training, prologue)) and (pre_vectors[2] is None or pre_vectors[3] is None):
-        raise ValueError("fastres.cat_conv2d_stats: pre_training=True needs the batch mean and invstd")
-    if weight.dim() != 4 or weight.shape[1] * groups != channels:
-        raise ValueError(f"fastres.cat_conv2d_stats: weight must be (K, C/groups, R, S) with C = {channels} (the "
+        raise ValueError(f"fastres.{op}: pre_training=True needs the batch mean and invstd")
+    if weight is not None and (weight.dim() != 4 or weight.shape[1] * groups != channels):
+        raise ValueError(f"fastres.{op}: weight must be (K, C/groups, R, S) with C = {channels} (the "
                          f"parts' channels), groups = {groups}; got {tuple(weight.shape)}")
 
 
@@ -67,7 +68,8 @@ def cat_conv2d_stats(parts: Sequence[Tensor], pre_weight: Optional[Tensor], pre_
     """pre_*: per-channel vectors over the parts' channels in order (entries of a part without a
     prologue are not read); prologue[i]: whether part i gets its BN-act."""
     check_act(pre_act)
-    _check(parts, (pre_weight, pre_bias, pre_mean, pre_invstd), prologue, pre_training, weight, groups)
+    _check("cat_conv2d_stats", parts, (pre_weight, pre_bias, pre_mean, pre_invstd), prologue, pre_training, weight,
+           groups)
     args = (list(parts), pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, list(prologue), list(pre_training),
             weight, bias, list(stride), list(padding), list(dilation), groups)
     return B.choose("cat_conv2d_stats", backend, parts[0].device, args)(*args)
@@ -96,28 +98,68 @@ def _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prolo
             yield x, None, None, None, None, "identity", False
 
 
-def _input(backend: str, *prologue_args) -> Tensor:
-    """a = cat_i(pre_act(BN_i(part_i))), each part's BN-act the bn_act op's on `backend`; where
-    that is the Triton kernel, written straight into the part's slot of `a` (`_slotted`)."""
-    from fastres.ops.bn_act import bn_act, bn_act_triton
-    prologues = list(_prologues(*prologue_args))
-    x0, w0, b0, m0, s0, act0, _ = prologues[0]
-    if len(prologues) > 1 and B.choose("bn_act", backend, x0.device, (x0, w0, b0, m0, s0, None, act0)) \
-            is bn_act_triton:
-        return _slotted(prologues)
-    acts = [bn_act(x, w, b, m, s, None, act, False, backend) if ref.has_prologue(w, b, m, s, act) else x
-            for x, w, b, m, s, act, _ in prologues]
-    return torch.cat(acts, 1) if len(acts) > 1 else acts[0]
+@library.op("fastres::cat_bn_act", mutates_args=())
+def cat_bn_act(parts: Sequence[Tensor], pre_weight: Optional[Tensor], pre_bias: Optional[Tensor],
+               pre_mean: Optional[Tensor], pre_invstd: Optional[Tensor], pre_act: str, prologue: Sequence[bool],
+               backend: str) -> Tensor:
+    """a = cat_i(pre_act(BN_i(part_i))): cat_conv2d_stats's input, laid out as torch.cat lays out
+    the parts (its backward recomputes it with this op)."""
+    check_act(pre_act)
+    _check("cat_bn_act", parts, (pre_weight, pre_bias, pre_mean, pre_invstd), prologue, [False] * len(parts))
+    args = (list(parts), pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, list(prologue))
+    return unaliased((B.choose("cat_bn_act", backend, parts[0].device, args)(*args),), args[0])[0]
 
 
-def _slotted(prologues) -> Tensor:
-    """One channels_last buffer holding every part's BN-act (a copy for a part without one), each
-    written at its channel offset by the Triton bn_act kernel: the concatenation without a cat."""
+@cat_bn_act.register_fake
+def _(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, backend):
+    return _cat_like(parts)
+
+
+def _cat_like(parts: Sequence[Tensor]) -> Tensor:
+    """An uninitialised tensor with the shape and strides of torch.cat(parts, 1)."""
+    meta = torch.cat([torch.empty_like(p, device="meta") for p in parts], 1)
+    return torch.empty_strided(meta.shape, meta.stride(), dtype=parts[0].dtype, device=parts[0].device)
+
+
+def _cat_bn_act(backend: str):
+    """Each part's BN-act as `backend`'s bn_act op, then one cat."""
+    def run(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue):
+        from fastres.ops.bn_act import bn_act
+        acts = [bn_act(x, w, b, m, s, None, act, False, backend) if ref.has_prologue(w, b, m, s, act) else x
+                for x, w, b, m, s, act, _ in _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act,
+                                                        prologue, [False] * len(parts))]
+        return torch.cat(acts, 1) if len(acts) > 1 else acts[0]
+    return run
+
+
+B.register("cat_bn_act", "reference")(_cat_bn_act("reference"))
+B.register("cat_bn_act", "native", supports=lambda *args: B.NATIVE_MISSING, kernel=False)(_cat_bn_act("native"))
+
+
+def _cat_bn_act_triton_supports(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue):
+    from fastres.ops.bn_act import triton_supports
+    return next((why for x, w, b, m, s, _, _ in _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd,
+                                                           pre_act, prologue, [False] * len(parts))
+                 if (why := triton_supports(x, w, b, m, s)) is not None), None)
+
+
+@B.register("cat_bn_act", "triton", supports=_cat_bn_act_triton_supports)
+def _cat_bn_act_triton(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue):
+    return _slotted(_prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue,
+                               [False] * len(parts)), _cat_like(parts))
+
+
+def _slotted(prologues, a: Optional[Tensor] = None) -> Tensor:
+    """A buffer holding every part's BN-act (a copy for a part without one), each written at its
+    channel offset by the Triton bn_act kernel: the concatenation without a cat. `a`: the buffer
+    (default: a new channels_last one)."""
     from fastres.ops.bn_act import bn_act_triton
-    x0 = prologues[0][0]
-    n, _, h, w = x0.shape
+    prologues = list(prologues)
     sizes = [p[0].shape[1] for p in prologues]
-    a = torch.empty((n, sum(sizes), h, w), dtype=x0.dtype, device=x0.device, memory_format=torch.channels_last)
+    if a is None:
+        x0 = prologues[0][0]
+        a = torch.empty((x0.shape[0], sum(sizes), *x0.shape[2:]), dtype=x0.dtype, device=x0.device,
+                        memory_format=torch.channels_last)
     for slot, (x, w_, b, m, s, act, _) in zip(torch.split(a, sizes, 1), prologues):
         bn_act_triton(x, w_, b, m, s, None, act, out=slot)
     return a
@@ -143,7 +185,7 @@ def _backward(ctx, grad, gmean, gvar):
         raise RuntimeError("fastres.cat_conv2d_stats: gradients w.r.t. pre_mean/pre_invstd in eval mode are not "
                            "supported; fold them into pre_weight/pre_bias")
     args = (parts, pw, pb, pm, pi, pre_act, prologue, pre_training)
-    a = _input(backend, *args)
+    a = cat_bn_act(parts, pw, pb, pm, pi, pre_act, prologue, backend)
     ga, gw, _ = torch.ops.aten.convolution_backward(grad, a, weight, None, stride, padding, dilation, False,
                                                     [0, 0], groups, [True, ctx.needs_input_grad[8], False])
     gb = grad.sum((0, 2, 3), dtype=ref.acc_dtype(grad.dtype)).to(bias.dtype) \
@@ -173,7 +215,7 @@ def _composed(backend: str):
     """a in `backend`'s BN-act passes and one cat, then its conv2d_stats of a."""
     def run(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training, weight, bias,
             stride, padding, dilation, groups):
-        a = _input(backend, parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue, pre_training)
+        a = _cat_bn_act(backend)(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue)
         args = (a, weight, bias, stride, padding, dilation, groups, None, None, None, None, "identity", False,
                 None, None, "identity")
         return B._TABLES["conv2d_stats"][backend].fn(*args)

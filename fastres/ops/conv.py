@@ -415,7 +415,7 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
     zero4 = (0, 0, 0, 0)
     res_k = residual.shape[1] if residual is not None else 0
     with triton_device(x):
-        K.conv2d_kernel[grid](
+        B.launcher(K.conv2d_kernel)[grid](
             x, weight, bias if bias is not None else x, scale if scale is not None else x,
             shift if shift is not None else x, addend if addend is not None else x,
             residual if residual is not None else x, out,
@@ -457,7 +457,7 @@ def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weig
     zero4 = (0, 0, 0, 0)
     res_k = residual.shape[1] if residual is not None else 0
     with triton_device(x):
-        D.depthwise_conv2d_kernel[grid](
+        B.launcher(D.depthwise_conv2d_kernel)[grid](
             x, weight, bias if bias is not None else x, scale if scale is not None else x,
             shift if shift is not None else x, addend if addend is not None else x,
             residual if residual is not None else x, out,

@@ -125,7 +125,7 @@ def se_gate_act_triton(x, gate, residual, act):
     n, c, h, w = x.shape
     bp, bc = _blocks(x)
     with triton_device(x):
-        K.se_gate_act_kernel[(n, triton.cdiv(h * w, bp), triton.cdiv(c, bc))](
+        B.launcher(K.se_gate_act_kernel)[(n, triton.cdiv(h * w, bp), triton.cdiv(c, bc))](
             x, gate, residual if residual is not None else x, out, c, h * w, w,
             *x.stride(), *gate.stride(), *_strides(residual), *out.stride(),
             HAS_RESIDUAL=residual is not None, ACT=ACTS[act], BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
@@ -155,13 +155,13 @@ def se_gate_act_backward_triton(grad, x, gate, residual, out, act):
     part = torch.empty((chunks, n, c), dtype=torch.float32, device=x.device)
     uses_out = act in ("relu", "relu6")
     with triton_device(x):
-        K.se_gate_act_backward_kernel[(n, chunks, c_blocks)](
+        B.launcher(K.se_gate_act_backward_kernel)[(n, chunks, c_blocks)](
             grad, x, gate, residual if residual is not None else x, out if uses_out else x, gx,
             gres if gres is not None else x, part, n, c, h * w, w, tiles,
             *grad.stride(), *x.stride(), *gate.stride(), *_strides(residual), *_strides(out if uses_out else None),
             *gx.stride(), *_strides(gres),
             HAS_RESIDUAL=residual is not None, ACT=ACTS[act], BLOCK_P=bp, BLOCK_C=bc, num_warps=K.NUM_WARPS)
-        K.se_gate_grad_combine_kernel[(triton.cdiv(n * c, K.COMBINE_BLOCK),)](
+        B.launcher(K.se_gate_grad_combine_kernel)[(triton.cdiv(n * c, K.COMBINE_BLOCK),)](
             part, gate, ggate, c, n * c, chunks, *gate.stride(), BLOCK=K.COMBINE_BLOCK, num_warps=K.NUM_WARPS)
     return gx, ggate, gres
 # ==== end of the triton implementation ========================================================

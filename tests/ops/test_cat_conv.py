@@ -130,6 +130,46 @@ def test_opcheck(backend):
             (parts, pw, pb, pm, pi, "relu", prologue, training, w, b, [1, 1], [0, 0], [1, 1], 1, backend))
 
 
+def written_out_input(parts, pw, pb, pm, pi, prologue, act="relu"):
+    """cat_bn_act's result in eager ops: each part's BN-act with the given statistics, then cat."""
+    acts, off = [], 0
+    for p, pro in zip(parts, prologue):
+        c = p.shape[1]
+        z = (p - pm[off:off + c, None, None]) * pi[off:off + c, None, None] * pw[off:off + c, None, None] \
+            + pb[off:off + c, None, None]
+        acts.append({"relu": TF.relu, "silu": TF.silu}[act](z) if pro else p)
+        off += c
+    return torch.cat(acts, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("prologue", [(True, True, False), (False, False, False)], ids=str)
+@pytest.mark.parametrize("cl", [True, False], ids=["cl", "nchw"])
+def test_cat_bn_act_is_the_concatenated_prologues(cl, prologue, backend):
+    """The backward's recomputed input: values and layout (strides) those of torch.cat of the
+    BN-acts, also for parts that carry no prologue (a copy, never the input itself)."""
+    if backend == "native" and B.NATIVE_MISSING is not None:
+        pytest.skip(B.NATIVE_MISSING)
+    parts, pw, pb, pm, pi, prologue, *_ = make(cl=cl, prologue=prologue, grad=False)
+    with B.recording() as rec:
+        got = torch.ops.fastres.cat_bn_act(parts, pw, pb, pm, pi, "relu", prologue, backend)
+    assert {r[2] for r in rec if r[1] == "cat_bn_act"} == {backend}, rec
+    want = written_out_input(parts, pw, pb, pm, pi, prologue)
+    assert_close(got, want)
+    assert got.stride() == want.stride()
+    one = torch.ops.fastres.cat_bn_act(parts[:1], pw[:3], pb[:3], pm[:3], pi[:3], "relu", [False], backend)
+    assert one.data_ptr() != parts[0].data_ptr()
+    assert_close(one, parts[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_cat_bn_act_opcheck(backend):
+    if backend == "native" and B.NATIVE_MISSING is not None:
+        pytest.skip(B.NATIVE_MISSING)
+    parts, pw, pb, pm, pi, prologue, *_ = make(grad=False)
+    opcheck(torch.ops.fastres.cat_bn_act.default, (parts, pw, pb, pm, pi, "relu", prologue, backend))
+
+
 def test_concatenation_not_saved():
     """What autograd keeps: the parts and the per-channel vectors, not the (N, C, H, W) input of
     the conv."""
@@ -172,3 +212,5 @@ def test_errors():
         op(parts, pw, pb, pm, pi, "relu", prologue, training, w[:, :6], b, *tail)
     with pytest.raises(ValueError, match="unknown activation"):
         op(parts, pw, pb, pm, pi, "gelu", prologue, training, w, b, *tail)
+    with pytest.raises(ValueError, match=r"fastres.cat_bn_act: pre_bias must have one value per channel"):
+        torch.ops.fastres.cat_bn_act(parts, pw, pb[:5], pm, pi, "relu", prologue, "reference")

@@ -83,3 +83,19 @@ def test_backward_matches_reference(way):
 @pytest.mark.parametrize("way", WAYS)
 def test_opcheck(way):
     opcheck(torch.ops.fastres.cat_conv2d_stats.default, (*args_of(torch.float32, k=WAYS[way]), "triton"))
+
+
+@pytest.mark.parametrize("cl", [True, False], ids=["cl", "nchw"])
+def test_cat_bn_act_slots_equal_the_reference(cl):
+    """The backward's recomputed concatenation on Triton (each part's BN-act written into its slot)
+    has the reference's values and torch.cat's layout."""
+    parts, pw, pb, pm, pi, act, prologue = args_of(torch.float32)[:7]
+    if not cl:
+        parts = [p.contiguous() for p in parts]
+    with B.recording() as rec:
+        got = torch.ops.fastres.cat_bn_act(parts, pw, pb, pm, pi, act, prologue, "triton")
+    assert [r[2] for r in rec] == ["triton"], rec
+    want = torch.ops.fastres.cat_bn_act(parts, pw, pb, pm, pi, act, prologue, "reference")
+    assert_close(got, want)
+    assert got.stride() == want.stride()
+    opcheck(torch.ops.fastres.cat_bn_act.default, (parts, pw, pb, pm, pi, act, prologue, "triton"))
