@@ -125,8 +125,11 @@ def test_converted_bottleneck_training_step_traces_forward_and_backward(monkeypa
     # forward: each conv with its output's statistics in the epilogue; bn3 + residual + ReLU
     assert fwd[("conv2d_kernel", ("out_ptr", "stats_ptr"))] == 3
     assert fwd[("bn_act_kernel", ("out_ptr",))] == 1
-    # backward: BN-act backward kernels for the three BNs, the recomputed BN-ReLU of conv2/conv3's inputs
-    assert sum(v for (k, _), v in bwd.items() if k == "bn_act_backward_kernel") >= 3
+    # backward: two BN-act backward passes per BN (sums, then the input gradient; bn3's first pass
+    # also writes the shortcut's gradient), the recomputed BN-ReLU of conv2's and conv3's inputs
+    assert {key: n for key, n in bwd.items() if key[0] == "bn_act_backward_kernel"} == {
+        ("bn_act_backward_kernel", ("gres_ptr", "part_ptr")): 1, ("bn_act_backward_kernel", ("part_ptr",)): 2,
+        ("bn_act_backward_kernel", ("gx_ptr",)): 3}
     assert bwd[("bn_act_kernel", ("out_ptr",))] == 2
     assert "aten.convolution_backward.default" in {str(n.target) for n in backward.graph.nodes}
 
@@ -149,6 +152,7 @@ def _family(name: str) -> tuple[torch.nn.Module, int]:
 WITHOUT_TRITON = {f"fastres.{op}.default" for op, table in B._TABLES.items() if "triton" not in table}
 
 
+@pytest.mark.filterwarnings("ignore:fastres. bn_act_pool2d falls back from triton")  # DenseNet's transition
 @pytest.mark.parametrize("name", ["preact", "res2net", "rexnet", "densenet"])
 def test_every_block_family_traces_into_kernels_in_training(monkeypatch, name):
     """Forward and backward graphs of a training step keep no fastres op that has Triton kernels."""
