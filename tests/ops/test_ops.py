@@ -252,3 +252,29 @@ def test_bn_act_pool2d_rejects_unknown_kind():
     x = torch.randn(1, 2, 4, 4)
     with pytest.raises(ValueError, match="kind must be one of"):
         ops.bn_act_pool2d(x, None, None, None, None, "relu", False, "lp", [2, 2], [2, 2], [0, 0], "reference")
+
+
+def test_autograd_kernel_records_a_node_only_when_asked():
+    """The ops' Autograd kernel (fastres.ops.library): no node without an input requiring grad, a
+    node named after the op with one, and each input's gradient as asked (w alone, or x and w)."""
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    conv = lambda x, w: ops.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1, None, None, None, None,  # noqa: E731
+                                   "identity", False, None, None, "relu", "reference")
+    assert conv(x, w).grad_fn is None
+    y = conv(x, w.requires_grad_())
+    assert y.grad_fn.name() == "fastres_conv2dBackward"
+    (gw,) = torch.autograd.grad(y.sum(), [w])
+    y = conv(x.requires_grad_(), w)
+    gx, gw2 = torch.autograd.grad(y.sum(), [x, w])
+    want = torch.autograd.grad(F.relu(F.conv2d(x, w, padding=1)).sum(), [x, w])
+    assert_close(gx, want[0])
+    assert_close(gw, want[1])
+    assert_close(gw2, want[1])
+
+
+def test_ops_with_a_tensor_list_keep_torchs_autograd_kernel():
+    parts = [torch.randn(2, 3, 4, 4, requires_grad=True) for _ in range(2)]
+    out = ops.cat_conv2d_stats(parts, None, None, None, None, "identity", [False, False], [False, False],
+                               torch.randn(5, 6, 1, 1), None, [1, 1], [0, 0], [1, 1], 1, "reference")[0]
+    grads = torch.autograd.grad(out.sum(), parts)
+    assert [g.shape for g in grads] == [p.shape for p in parts]
