@@ -260,11 +260,11 @@ def combine_stats(part: Tensor) -> tuple[Tensor, Tensor]:
         span = math.isqrt(chunks - 1) + 1
         slices = triton.cdiv(chunks, span)
         merged = torch.empty((3, slices, c), dtype=torch.float32, device=part.device)
-        B.launcher(K.batch_stats_combine_kernel)[(triton.cdiv(c, cb), slices)](part, merged, merged, c, chunks, span,
-                                                                  BLOCK_C=cb, FINAL=False, num_warps=K.NUM_WARPS)
+        B.launcher(K.batch_stats_combine_kernel)[(triton.cdiv(c, cb), slices)](
+            part, merged, merged, c, chunks, span, BLOCK_C=cb, FINAL=False, num_warps=K.NUM_WARPS)
         part, chunks = merged, slices
-    B.launcher(K.batch_stats_combine_kernel)[(triton.cdiv(c, cb),)](part, mean, var, c, chunks, chunks, BLOCK_C=cb,
-                                                       num_warps=K.NUM_WARPS)
+    B.launcher(K.batch_stats_combine_kernel)[(triton.cdiv(c, cb),)](
+        part, mean, var, c, chunks, chunks, BLOCK_C=cb, num_warps=K.NUM_WARPS)
     return mean, var
 def _bn_backward_supports(grad, x, weight, bias, mean, invstd, residual, out, act, training, mask):
     why = triton_supports(x, grad, weight, bias, mean, invstd, residual, out, same_shape=residual)

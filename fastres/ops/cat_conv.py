@@ -132,18 +132,25 @@ def _cat_bn_act(backend: str):
     return run
 
 
+def _cat_bn_act_supports(backend: str):
+    """Whether `backend`'s bn_act takes every part that goes through it (on Triton every part is
+    written by the bn_act kernel, a part without a prologue as a copy)."""
+    def supports(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue):
+        for x, w, b, m, s, act, _ in _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act,
+                                                prologue, [False] * len(parts)):
+            if backend == "triton" or ref.has_prologue(w, b, m, s, act):
+                why = B._try("bn_act", backend, x.device, (x, w, b, m, s, None, act))[1]
+                if why:
+                    return f"bn_act of a part: {why}"
+        return None
+    return supports
+
+
 B.register("cat_bn_act", "reference")(_cat_bn_act("reference"))
-B.register("cat_bn_act", "native", supports=lambda *args: B.NATIVE_MISSING, kernel=False)(_cat_bn_act("native"))
+B.register("cat_bn_act", "native", supports=_cat_bn_act_supports("native"), kernel=False)(_cat_bn_act("native"))
 
 
-def _cat_bn_act_triton_supports(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue):
-    from fastres.ops.bn_act import triton_supports
-    return next((why for x, w, b, m, s, _, _ in _prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd,
-                                                           pre_act, prologue, [False] * len(parts))
-                 if (why := triton_supports(x, w, b, m, s)) is not None), None)
-
-
-@B.register("cat_bn_act", "triton", supports=_cat_bn_act_triton_supports)
+@B.register("cat_bn_act", "triton", supports=_cat_bn_act_supports("triton"), kernel=False)
 def _cat_bn_act_triton(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue):
     return _slotted(_prologues(parts, pre_weight, pre_bias, pre_mean, pre_invstd, pre_act, prologue,
                                [False] * len(parts)), _cat_like(parts))
