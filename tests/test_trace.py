@@ -172,6 +172,25 @@ def test_every_block_family_traces_into_kernels_in_training(monkeypatch, name):
         assert {"depthwise_conv2d_kernel", "se_gate_act_kernel", "se_gate_act_backward_kernel"} <= kernels
 
 
+@pytest.mark.filterwarnings("ignore:fastres. bn_act_pool2d falls back from triton")  # DenseNet's transition
+@pytest.mark.parametrize("name", ["preact", "res2net", "rexnet", "densenet"])
+def test_every_block_family_traces_into_kernels_in_eval_on_cuda(name):
+    """Inference graphs on fake CUDA tensors: every op with Triton kernels is its launches."""
+    original, channels = _family(name)
+    block = fastres.convert(original, backend="triton", strict=True).eval()
+    fake_state = _fake_state(block, "cuda", False)
+    with offline_target(90), FakeTensorMode() as mode:
+        state = fake_state(mode)
+        x = torch.empty(3, channels, 9 if channels > 3 else 32, 9 if channels > 3 else 32, device="cuda",
+                        memory_format=CL)
+        (graph,) = trace(lambda st, x: functional_call(block, st, (x,)), state, x)
+    assert set(fastres_calls(graph)) <= WITHOUT_TRITON
+    kernels = {k for k, _ in launches(graph)}
+    assert "conv2d_kernel" in kernels or "depthwise_conv2d_kernel" in kernels
+    if name == "rexnet":
+        assert {"depthwise_conv2d_kernel", "se_gate_act_kernel"} <= kernels
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_other_backends_stay_one_opaque_call(backend):
     with FakeTensorMode():
