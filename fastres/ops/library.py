@@ -9,7 +9,8 @@ is still inferred from the type annotations (`torch.library.infer_schema`), the 
 registered once for every device (CompositeExplicitAutograd), fake kernels go through
 `torch.library.register_fake`, and autograd formulas keep `torch.library.register_autograd`'s
 contract, registered at the Autograd key by a leaner kernel of the same construction
-(`_autograd_kernel`), so the ops are the same to torch.compile, opcheck and autograd. Kernels must not return a view of an input (`unaliased` in fastres.ops.bn_act).
+(`_autograd_kernel`), so the ops are the same to torch.compile, opcheck and autograd. Kernels
+must not return a view of an input (`unaliased` in fastres.ops.bn_act).
 
 Under torch.compile (AOTAutograd's FunctionalTensorMode, also make_fx) an op whose backend picks
 Triton kernels is decomposed into them, as `torch.library.triton_op` does: its Python kernel is
