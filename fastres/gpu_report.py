@@ -294,8 +294,31 @@ def depthwise_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
     return rows
 
 
+def pool_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
+    """bn_act_pool2d, max and average, with the BN-act (silu, the longest), at the ResNet stem's
+    3x3 window and DenseNet's 2x2 one, every tile pick_blocks can return for the kernel's ELEMENTS."""
+    from fastres.kernels import bn_act as KB
+    from fastres.kernels import pool as K
+    rows = []
+    vec = torch.empty(64, dtype=torch.float32)
+    for dname in dtypes:
+        for bp, bc in KB.all_blocks(K.ELEMENTS):
+            # one channel wide is the NCHW tile, wider ones are channels_last tiles
+            x = torch.empty(2, 64, 16, 16, dtype=DTYPES[dname])
+            x = x if bc == 1 else x.to(memory_format=CL)
+            for kind, k in (("max", 3), ("avg", 2)):
+                with offline_target(arch):
+                    compiled = K.bn_act_pool2d_kernel.warmup(
+                        x, vec, vec, x, 128, 64, 16, 16, 64, 8, *x.stride(), *x.stride(), 2, 2, k // 2, k // 2,
+                        R=k, S=k, MAX=kind == "max", HAS_SCALE=True, HAS_SHIFT=True, ACT=3, BLOCK_P=bp,
+                        BLOCK_C=bc, num_warps=KB.NUM_WARPS, grid=(1,))
+                rows.append(_row("bn_act_pool2d", f"{dname} {kind}{k}x{k} silu", f"{bp}x{bc} w{KB.NUM_WARPS}", arch,
+                                 compiled))
+    return rows
+
+
 def report(archs=ARCHS) -> list[Row]:
-    return [r for a in archs for r in conv_rows(a) + bn_act_rows(a) + se_rows(a) + depthwise_rows(a)]
+    return [r for a in archs for r in conv_rows(a) + bn_act_rows(a) + se_rows(a) + depthwise_rows(a) + pool_rows(a)]
 
 
 def format_table(rows: list[Row]) -> str:

@@ -152,7 +152,6 @@ def _family(name: str) -> tuple[torch.nn.Module, int]:
 WITHOUT_TRITON = {f"fastres.{op}.default" for op, table in B._TABLES.items() if "triton" not in table}
 
 
-@pytest.mark.filterwarnings("ignore:fastres. bn_act_pool2d falls back from triton")  # DenseNet's transition
 @pytest.mark.parametrize("name", ["preact", "res2net", "rexnet", "densenet"])
 def test_every_block_family_traces_into_kernels_in_training(monkeypatch, name):
     """Forward and backward graphs of a training step keep no fastres op that has Triton kernels."""
@@ -170,9 +169,10 @@ def test_every_block_family_traces_into_kernels_in_training(monkeypatch, name):
     assert {"conv2d_kernel", "bn_act_backward_kernel"} <= kernels
     if name == "rexnet":
         assert {"depthwise_conv2d_kernel", "se_gate_act_kernel", "se_gate_act_backward_kernel"} <= kernels
+    if name == "densenet":   # the stem's BN-ReLU-maxpool
+        assert "bn_act_pool2d_kernel" in {k for k, _ in launches(forward)}
 
 
-@pytest.mark.filterwarnings("ignore:fastres. bn_act_pool2d falls back from triton")  # DenseNet's transition
 @pytest.mark.parametrize("name", ["preact", "res2net", "rexnet", "densenet"])
 def test_every_block_family_traces_into_kernels_in_eval_on_cuda(name):
     """Inference graphs on fake CUDA tensors: every op with Triton kernels is its launches."""
@@ -189,6 +189,8 @@ def test_every_block_family_traces_into_kernels_in_eval_on_cuda(name):
     assert "conv2d_kernel" in kernels or "depthwise_conv2d_kernel" in kernels
     if name == "rexnet":
         assert {"depthwise_conv2d_kernel", "se_gate_act_kernel"} <= kernels
+    if name == "densenet":   # the stem's BN-ReLU-maxpool, the transitions' BN-ReLU-avgpool
+        assert launches(graph)[("bn_act_pool2d_kernel", ("out_ptr",))] == 2
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

@@ -3,8 +3,8 @@
     out = pool(act(BN(x)))        BN arguments as bn_act's (`training` when mean/invstd are the
                                   batch statistics of x); kind "max" or "avg" (count_include_pad)
 
-The native CPU kernel applies the BN-act as it reads each window and keeps no argmax; the
-reference composes bn_act and ATen's pooling. The activated tensor is not saved: the backward
+The native CPU kernel and the Triton kernel apply the BN-act as they read each window and keep no
+argmax; the reference composes bn_act and ATen's pooling. The activated tensor is not saved: the backward
 recomputes it from x (and, for max pooling, the argmax with it), so a stem's
 conv-BN-ReLU-maxpool keeps only the conv output for backward.
 """
@@ -51,7 +51,7 @@ def bn_act_pool2d(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], m
 
 @bn_act_pool2d.register_fake
 def _(x, weight, bias, mean, invstd, act, training, kind, kernel_size, stride, padding, backend):
-    return _pool(torch.empty_like(x), kind, list(kernel_size), list(stride), list(padding))
+    return _like_pool(x, kind, list(kernel_size), list(stride), list(padding))
 
 
 def _setup(ctx, inputs, output):
@@ -108,3 +108,45 @@ def _bn_act_pool2d_native(x, weight, bias, mean, invstd, act, kind, kernel_size,
     """One pass: the BN-act is applied as each window is read; no argmax, no activated copy."""
     return torch.ops.fastres_native.bn_act_pool2d(x, weight, bias, mean, invstd, act, kind, kernel_size, stride,
                                                   padding)
+
+
+# ==== triton implementation: the BN-act applied as each window is read (fastres.kernels.pool) ====
+def _like_pool(x: Tensor, kind: str, kernel_size, stride, padding) -> Tensor:
+    """An uninitialised tensor with the shape and strides ATen's pooling gives for x."""
+    meta = _pool(torch.empty_like(x, device="meta"), kind, kernel_size, stride, padding)
+    return torch.empty_strided(meta.shape, meta.stride(), dtype=x.dtype, device=x.device)
+
+
+def _triton_supports(x, weight, bias, mean, invstd, act, kind, kernel_size, stride, padding) -> Optional[str]:
+    from fastres.ops.bn_act import triton_supports
+    why = triton_supports(x, weight, bias, mean, invstd)
+    if why is None and any(2 * p > k for p, k in zip(padding, kernel_size)):
+        why = f"padding {padding} exceeds half the kernel {kernel_size}"
+    if why is None and any((h + 2 * p - k) // s + 1 <= 0 for h, p, k, s in zip(x.shape[2:], padding, kernel_size,
+                                                                                 stride)):
+        why = f"empty output: kernel {kernel_size} larger than the padded input {tuple(x.shape[2:])}"
+    return why
+
+
+@B.register("bn_act_pool2d", "triton", supports=_triton_supports)
+def _bn_act_pool2d_triton(x, weight, bias, mean, invstd, act, kind, kernel_size, stride, padding):
+    """One kernel: each window read once with the BN-act applied; no argmax, no activated copy."""
+    import triton
+
+    from fastres.kernels import bn_act as KB
+    from fastres.kernels import pool as K
+    from fastres.kernels.conv import ACTS
+    from fastres.ops.bn_act import _channels_contiguous, triton_device
+    scale, shift = ref.scale_shift(weight, bias, mean, invstd, x)
+    out = _like_pool(x, kind, kernel_size, stride, padding)
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2:]
+    bp, bc = KB.pick_blocks(c, _channels_contiguous(x), K.ELEMENTS)
+    grid = (triton.cdiv(n * oh * ow, bp), triton.cdiv(c, bc))
+    with triton_device(x):
+        B.launcher(K.bn_act_pool2d_kernel)[grid](
+            x, scale if scale is not None else x, shift if shift is not None else x, out,
+            n * oh * ow, c, h, w, oh * ow, ow, *x.stride(), *out.stride(), *stride, *padding,
+            R=kernel_size[0], S=kernel_size[1], MAX=kind == "max", HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None, ACT=ACTS[act], BLOCK_P=bp, BLOCK_C=bc, num_warps=KB.NUM_WARPS)
+    return out

@@ -63,6 +63,17 @@ def test_depthwise_conv2d_compiles_without_spills(arch):
     assert all(r.regs <= G.MAX_REGS and not r.mma and not r.wgmma for r in rows), G.format_table(rows)
 
 
+@pytest.mark.parametrize("arch", G.ARCHS, ids=lambda a: f"sm_{a}")
+def test_bn_act_pool2d_compiles_without_spills(arch):
+    from fastres.kernels import bn_act as KB
+    from fastres.kernels import pool as K
+    rows = G.pool_rows(arch)
+    bad = [f"{r.variant} {r.config}: {'; '.join(r.problems)}" for r in rows if r.problems]
+    assert not bad, "\n" + G.format_table(rows)
+    assert len({r.config for r in rows}) == len(KB.all_blocks(K.ELEMENTS))
+    assert len(rows) == 2 * 2 * len(KB.all_blocks(K.ELEMENTS))   # bf16, fp32 x max, avg
+
+
 def test_resource_usage_parses_cuobjdump():
     """The parser reads what cuobjdump prints (and a report row flags spills and smem)."""
     row = G.Row("k", "v", "c", 80, 255, 16, 200 * 1024, True, False, True, False)
