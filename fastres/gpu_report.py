@@ -216,15 +216,20 @@ def _bn_act_backward_variants():
             ("pass2 train-gx", dict(common, STORE_GRES=False, SUM_G=False, SUM_GX=False, GX=2))]
 
 
+def _tiles(blocks, dname: str):
+    """(BLOCK_P, BLOCK_C, a 2x64x16x16 input) per tile of an elementwise kernel: one channel wide
+    is the NCHW tile, wider ones are channels_last tiles."""
+    for bp, bc in blocks:
+        x = torch.empty(2, 64, 16, 16, dtype=DTYPES[dname])
+        yield bp, bc, (x if bc == 1 else x.to(memory_format=CL))
+
+
 def bn_act_backward_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
     from fastres.kernels import bn_act as K
     rows = []
     vec = torch.empty(64, dtype=torch.float32)
     for dname in dtypes:
-        for bp, bc in K.all_blocks(K.BACKWARD_ELEMENTS):
-            # one channel wide is the NCHW tile, wider ones are channels_last tiles
-            x = torch.empty(2, 64, 16, 16, dtype=DTYPES[dname])
-            x = x if bc == 1 else x.to(memory_format=CL)
+        for bp, bc, x in _tiles(K.all_blocks(K.BACKWARD_ELEMENTS), dname):
             for vname, flags in _bn_act_backward_variants():
                 with offline_target(arch):
                     k = K.bn_act_backward_kernel.warmup(
@@ -302,10 +307,7 @@ def pool_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
     rows = []
     vec = torch.empty(64, dtype=torch.float32)
     for dname in dtypes:
-        for bp, bc in KB.all_blocks(K.ELEMENTS):
-            # one channel wide is the NCHW tile, wider ones are channels_last tiles
-            x = torch.empty(2, 64, 16, 16, dtype=DTYPES[dname])
-            x = x if bc == 1 else x.to(memory_format=CL)
+        for bp, bc, x in _tiles(KB.all_blocks(K.ELEMENTS), dname):
             for kind, k in (("max", 3), ("avg", 2)):
                 with offline_target(arch):
                     compiled = K.bn_act_pool2d_kernel.warmup(
