@@ -78,6 +78,9 @@ OPS = {
                {("bn_act_kernel", ("out_ptr",)): 1}),
     "se_gate_act": (lambda t: F.se_gate_act(t(2, 8, 5, 5, cl=True), t(2, 8), None, "relu", "triton"),
                     {("se_gate_act_kernel", ("out_ptr",)): 1}),
+    "bn_act_pool2d": (lambda t: F.bn_act_pool2d(t(2, 8, 9, 9, cl=True), t(8), t(8), t(8), t(8), "relu", True, "max",
+                                                [3, 3], [2, 2], [1, 1], "triton"),
+                      {("bn_act_pool2d_kernel", ("out_ptr",)): 1}),
 }
 
 

@@ -3,9 +3,9 @@
     out = pool(act(BN(x)))        BN arguments as bn_act's (`training` when mean/invstd are the
                                   batch statistics of x); kind "max" or "avg" (count_include_pad)
 
-The native CPU kernel and the Triton kernel apply the BN-act as they read each window and keep no
-argmax; the reference composes bn_act and ATen's pooling. The activated tensor is not saved: the backward
-recomputes it from x (and, for max pooling, the argmax with it), so a stem's
+The native CPU kernel and the Triton kernel apply the BN-act as they read each window and keep
+no argmax; the reference composes bn_act and ATen's pooling. The activated tensor is not saved:
+the backward recomputes it from x (and, for max pooling, the argmax with it), so a stem's
 conv-BN-ReLU-maxpool keeps only the conv output for backward.
 """
 from __future__ import annotations
