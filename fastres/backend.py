@@ -24,7 +24,7 @@ BACKENDS = ("auto", "reference", "native", "triton")
 _AUTO_ORDER = {"cuda": ("native", "reference"), "cpu": ("native", "reference")}
 # ... where a measurement says so: per device type, the ops whose auto choice is replaced by one
 # of these challengers where fastres.tuning timed it faster on the call's shapes
-_MEASURED = {"cuda": {"conv2d": ("triton",), "conv2d_stats": ("triton",)}}
+_MEASURED = {"cuda": {"conv2d": ("triton",), "conv2d_stats": ("triton",), "conv2d_means": ("triton",)}}
 
 
 def _check_name(name: str) -> str:

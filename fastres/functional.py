@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastres import backend as _backend
 from fastres.ops import ACTS  # noqa: F401
+from fastres.ops import conv as _conv_ops
 from fastres.ops import reference as _reference
 
 _ops = torch.ops.fastres
@@ -138,13 +139,17 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, p
            pre_bias: Optional[Tensor] = None, pre_mean: Optional[Tensor] = None,
            pre_invstd: Optional[Tensor] = None, pre_act: str = "identity", pre_training: bool = False,
            addend: Optional[Tensor] = None, residual: Optional[Tensor] = None,
-           act: str = "identity", with_stats: bool = False, backend: Optional[str] = None):
+           act: str = "identity", with_stats: bool = False, with_means: bool = False,
+           backend: Optional[str] = None):
     """act(conv(pre_act(BN(x)) + addend) + bias + residual); see fastres.ops.conv. With
-    `with_stats`: (out, its batch statistics), for the BN that follows."""
-    op = _ops.conv2d_stats if with_stats else _ops.conv2d
+    `with_stats`: (out, its batch statistics), for the BN that follows; with `with_means`:
+    (out, the (N, K) means of each sample's channels), for the squeeze-excitation that follows."""
+    if with_stats and with_means:
+        raise ValueError("fastres.conv2d: with_stats and with_means cannot both be set")
+    op = _ops.conv2d_stats if with_stats else _ops.conv2d_means if with_means else _ops.conv2d
     out = op(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups, pre_weight, pre_bias,
              pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act, _b(backend))
-    return (out[0], out[1:]) if with_stats else out
+    return (out[0], out[1:]) if with_stats else (out[0], out[1]) if with_means else out
 
 
 def fold_bn(weight: Tensor, bias: Optional[Tensor], bn_weight, bn_bias, mean: Tensor,
@@ -165,21 +170,24 @@ def conv2d_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mea
                   bn_weight=None, bn_bias=None, training: bool = False, momentum: float = 0.1,
                   eps: float = 1e-5, *, stride=1, padding=0, dilation=1, groups: int = 1,
                   act: str = "relu", residual: Optional[Tensor] = None, addend: Optional[Tensor] = None,
-                  process_group=None, backend: Optional[str] = None) -> Tensor:
+                  process_group=None, with_means: bool = False, backend: Optional[str] = None):
     """act(BN(conv(x + addend)) + residual). In eval BN is folded into the conv; in training the
     batch statistics of the conv output are taken and BN-add-act runs as one elementwise pass.
     A residual of fewer channels than the conv's output goes onto its first channels: in eval in
-    the conv's epilogue, in training zero-extended for the BN pass."""
+    the conv's epilogue, in training zero-extended for the BN pass. `with_means`: (out, the (N, K)
+    means of each sample's channels of out, fp32 for half types), in eval from the conv's epilogue."""
     if not training:
         mean, invstd = bn_stats(x, running_mean, running_var, False, momentum, eps)
         w, b = fold_bn(weight, bias, bn_weight, bn_bias, mean, invstd)
         return conv2d(x, w, b, stride, padding, dilation, groups, addend=addend, residual=residual,
-                      act=act, backend=backend)
+                      act=act, with_means=with_means, backend=backend)
     y, stats = conv2d(x, weight, bias, stride, padding, dilation, groups, addend=addend, with_stats=True,
                       backend=backend)
-    return bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, act=act,
-                  residual=_reference.widen(residual, y.shape[1]), process_group=process_group, stats=stats,
-                  backend=backend)
+    out = bn_act(y, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps, act=act,
+                 residual=_reference.widen(residual, y.shape[1]), process_group=process_group, stats=stats,
+                 backend=backend)
+    # in training the BN pass comes after the conv: the means are its output's, a pass of their own
+    return (out, _conv_ops.sample_means(out)) if with_means else out
 
 
 def conv2d_bn_add_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean, running_var,

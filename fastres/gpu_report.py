@@ -130,8 +130,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _conv_variants():
-    """(name, flags): the plain conv, the one with every fusion on (the most registers), and the
-    training one (BN-ReLU prologue, the output's batch statistics in the epilogue)."""
+    """(name, flags): the plain conv, the one with every fusion on (the most registers), the
+    training one (BN-ReLU prologue, the output's batch statistics in the epilogue) and the one
+    before a squeeze-excitation (folded BN, per-sample tiles with the channel sums in the epilogue)."""
     from fastres.kernels.conv import ACTS, MAX_MIX
     plain = dict(HAS_ADDEND=False, HAS_PRE_SCALE=False, HAS_PRE_SHIFT=False, PRE_ACT=0,
                  HAS_BIAS=False, HAS_RESIDUAL=False, ACT=0)
@@ -143,7 +144,8 @@ def _conv_variants():
     # then picks) slots of one buffer in the input load, with the only fusions that op has
     mix = dict(plain, HAS_BIAS=True, ACT=ACTS["silu"], mix_ptr=torch.empty(MAX_MIX, dtype=torch.float32),
                s_mix=2 * 64 * 16 * 16, NUM_MIX=3)
-    return [("plain", plain), ("all-fusions", full), ("train-stats", train), ("mix", mix),
+    se = dict(plain, HAS_BIAS=True, MEANS=True, means_ptr=torch.empty(64, dtype=torch.float32))
+    return [("plain", plain), ("all-fusions", full), ("train-stats", train), ("se-means", se), ("mix", mix),
             (f"mix{MAX_MIX}", dict(mix, NUM_MIX=MAX_MIX))]
 
 
@@ -277,7 +279,7 @@ def se_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
 def depthwise_rows(arch: int, dtypes=("bf16", "fp32")) -> list[Row]:
     """The direct depthwise conv: every tile pick_config can return, plain and with every fusion."""
     from fastres.kernels import depthwise as K
-    variants = [(name, flags) for name, flags in _conv_variants() if name in ("plain", "all-fusions", "train-stats")]
+    variants = [(name, flags) for name, flags in _conv_variants() if name in ("plain", "all-fusions", "train-stats", "se-means")]
     rows = []
     for dname in dtypes:
         dt = DTYPES[dname]

@@ -2,16 +2,17 @@
 
 GEMM view, per group g: rows are the N*OH*OW output pixels, columns the K/G output channels of
 the group, the reduction runs over the R*S filter taps times the C/G input channels (one flat loop
-over taps x channel chunks of BLOCK_C). Grid: (cdiv(N*OH*OW, BLOCK_M), cdiv(K/G, BLOCK_N), G).
+over taps x channel chunks of BLOCK_C). Grid: (row tiles of BLOCK_M pixels, cdiv(K/G, BLOCK_N), G),
+the row tiles `pixel_tile`'s.
 
 Narrow groups (ResNeXt's 4-32 channels per group) would leave most of a 16-to-64-wide tl.dot
 tile empty, so with PACK_GROUPS one program computes GPT consecutive groups: its columns are
 their GPT*K/G output channels, its reduction chunk their GPT*C/G input channels (contiguous in
 channels_last), and the weight tile is block-diagonal (zero where a column's group is not the
-row's). One dot then does the work of GPT tiny ones; grid (cdiv(N*OH*OW, BLOCK_M), 1,
-cdiv(G, GPT)). The tile's channel extents GPT*C/G and GPT*K/G are runtime arguments (so the
-tile shape alone picks the compiled variant, and their divisibility by 16 tells the compiler
-that a tile's channel run is aligned for vector and async copies).
+row's). One dot then does the work of GPT tiny ones; grid (row tiles, 1, cdiv(G, GPT)). The
+tile's channel extents GPT*C/G and GPT*K/G are runtime arguments (so the tile shape alone picks
+the compiled variant, and their divisibility by 16 tells the compiler that a tile's channel run
+is aligned for vector and async copies).
 Every tensor is addressed through its four strides, so channels_last (the fast layout: the
 channel chunk is contiguous), NCHW and channel slices of a larger buffer all work without copies.
 
@@ -31,6 +32,10 @@ Fused, each a `tl.constexpr` flag (every variant is its own specialised kernel):
                                     partial batch statistics of the BN that follows in training,
                                     merged by kernels/bn_act.py's batch_stats_combine_kernel, so
                                     that BN takes no pass of its own over the output
+    per-channel sum of the tile's rows of the stored out, MEANS: with row tiles that never cross
+                                    a sample (PER_SAMPLE tiling, `pixel_tile`), the partial
+                                    spatial sums of each sample's channels, whose means a
+                                    squeeze-excitation that follows needs (no pass of its own)
 
 Activations are coded as ints (ACTS below). Offsets into x, addend, residual and out are int64.
 """
@@ -84,7 +89,7 @@ def conv2d_kernel(
     DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     mix_ptr=None, s_mix=0, NUM_MIX: tl.constexpr = 0, PACK_GROUPS: tl.constexpr = False,
-    stats_ptr=None, STATS: tl.constexpr = False,
+    stats_ptr=None, STATS: tl.constexpr = False, means_ptr=None, MEANS: tl.constexpr = False,
 ):
     """out = act(conv2d(pre_act(x * pre_scale + pre_shift) + addend, w) + bias + residual).
 
@@ -105,23 +110,19 @@ def conv2d_kernel(
     mix_ptr     (NUM_MIX,)          fp32 weights of the NUM_MIX sum; x_ptr points at input 0, input
                                     i starts i * s_mix elements further, with x's strides (NUM_MIX
                                     is a count, unrolled: one specialisation per count)
-    stats_ptr   (3, cdiv(N*OH*OW, BLOCK_M), G*KG) fp32 partial statistics of the output (STATS):
-                                    count, mean, M2 of row tile program_id(0), per channel
+    stats_ptr   (3, row tiles, G*KG) fp32 partial statistics of the output (STATS): count, mean,
+                                    M2 of row tile program_id(0), per channel
+    means_ptr   (N, cdiv(OH*OW, BLOCK_M), G*KG) fp32 partial spatial sums of the output (MEANS),
+                                    which also makes the row tiles per sample (grid dimension 0
+                                    is then N * cdiv(OH*OW, BLOCK_M), else cdiv(N*OH*OW, BLOCK_M))
     DOT_UPCAST                      feed tl.dot fp32 copies of the tiles: only for bf16 under
                                     TRITON_INTERPRET=1, whose dot multiplies bf16's raw bits;
                                     bf16 x bf16 products are exact in fp32, so numerics match
     Pointers of absent optional inputs may be any tensor (never read).
     """
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     c0 = tl.program_id(2) * TILE_CG                          # the tile's first input channel
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N * OH * OW
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    n = (t // OH).to(tl.int64)
+    n, oh, ow, m_ok = pixel_tile(tl.program_id(0), N, OH, OW, BLOCK_M, MEANS)
 
     offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(2) * TILE_KG + offs_k
@@ -187,17 +188,40 @@ def conv2d_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw, res_k,
-                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, G * KG, STATS)
+                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, G * KG, STATS, means_ptr, MEANS)
+
+
+@triton.jit
+def pixel_tile(pid, N, OH, OW, BLOCK_M: tl.constexpr, PER_SAMPLE: tl.constexpr):
+    """(n int64, oh, ow, ok) of the BLOCK_M output pixels of row tile `pid`, in (n, oh, ow) order.
+    Tiles run over the N*OH*OW pixels as one flat range, or with PER_SAMPLE over each sample's
+    OH*OW pixels apart (cdiv(OH*OW, BLOCK_M) tiles a sample, the last one masked), so that a
+    tile's column sums belong to one sample."""
+    if PER_SAMPLE:
+        tiles = tl.cdiv(OH * OW, BLOCK_M)
+        p = (pid % tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = p < OH * OW
+        p += (pid // tiles) * (OH * OW)          # the flat index, as below
+    else:
+        p = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = p < N * OH * OW
+    ow = p % OW
+    t = p // OW
+    oh = t % OH
+    n = (t // OH).to(tl.int64)
+    return n, oh, ow, ok
 
 
 @triton.jit
 def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw, res_k,
                    son, soc, soh, sow, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
-                   stats_ptr, K, STATS: tl.constexpr):
+                   stats_ptr, K, STATS: tl.constexpr, means_ptr, MEANS: tl.constexpr):
     """out[n, k, oh, ow] = act(acc + bias[k] + residual[n, k, oh, ow]), cast to out's dtype: the
-    epilogue of every conv kernel; the residual has res_k channels, zero beyond. acc [BLOCK_M pixels, BLOCK_N channels] fp32; n int64. STATS:
-    also the (count, mean, M2) of this tile's rows of the stored out, per channel, into the
-    (3, num_programs(0), K) partials at stats_ptr (row tile program_id(0))."""
+    epilogue of every conv kernel; the residual has res_k channels, zero beyond. acc [BLOCK_M
+    pixels, BLOCK_N channels] fp32; n int64. STATS: also the (count, mean, M2) of this tile's rows
+    of the stored out, per channel, into the (3, num_programs(0), K) partials at stats_ptr (row
+    tile program_id(0)). MEANS: also their sum per channel, into the (num_programs(0), K) partials
+    at means_ptr (the tile's rows all of one sample: `pixel_tile` with PER_SAMPLE)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = m_ok[:, None] & k_ok[None, :]
@@ -218,6 +242,9 @@ def store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, sr
         tl.store(base, tl.zeros_like(mean) + cnt, mask=k_ok)
         tl.store(base + part, mean, mask=k_ok)
         tl.store(base + 2 * part, m2, mask=k_ok)
+    if MEANS:   # of the values stored, as the SE's mean over the output would see them
+        total = tl.sum(tl.where(m_ok[:, None], out.to(tl.float32), 0.0), axis=0)
+        tl.store(means_ptr + tl.program_id(0).to(tl.int64) * K + k64, total, mask=k_ok)
 
 
 # ---- configs ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ and epilogue.
 No GEMM: a program owns a tile of BLOCK_M output pixels (flattened n, oh, ow) x BLOCK_C output
 channels, loops over the R*S filter taps, multiplies each loaded input tile by the tap's
 per-channel weight vector and accumulates in fp32. With a channel multiplier m (K = m*C) output
-channel k reads input channel k // m. Grid: (cdiv(N*OH*OW, BLOCK_M), cdiv(K, BLOCK_C)).
+channel k reads input channel k // m. Grid: (row tiles, cdiv(K, BLOCK_C)), the row tiles those of
+kernels/conv.py's `pixel_tile`.
 Every tensor is addressed through its strides: channels_last (the fast layout: a tile row is a
 contiguous channel vector), NCHW and channel slices of a larger buffer all work without copies.
 
@@ -17,7 +18,8 @@ Fused, each a `tl.constexpr` flag with the names and numerics of kernels/conv.py
     a = a + addend                  HAS_ADDEND, rounded again
   epilogue, on the fp32 accumulator:
     out = act(acc + bias[k] + residual)   HAS_BIAS, HAS_RESIDUAL, ACT; cast to out's dtype
-    the output's partial batch statistics STATS, as in kernels/conv.py
+    the output's partial batch statistics STATS, its partial per-sample sums MEANS, as in
+    kernels/conv.py
 
 Work per output element: R*S multiply-adds and R*S input loads (neighbouring taps hit cache),
 where the implicit-GEMM kernel, given 1-channel groups, pads each tap's reduction to a 16-wide
@@ -30,7 +32,7 @@ from typing import NamedTuple, Optional
 import triton
 import triton.language as tl
 
-from fastres.kernels.conv import apply_act, store_epilogue
+from fastres.kernels.conv import apply_act, pixel_tile, store_epilogue
 
 
 @triton.jit
@@ -47,6 +49,7 @@ def depthwise_conv2d_kernel(
     HAS_ADDEND: tl.constexpr, HAS_PRE_SCALE: tl.constexpr, HAS_PRE_SHIFT: tl.constexpr,
     PRE_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, stats_ptr=None, STATS: tl.constexpr = False,
+    means_ptr=None, MEANS: tl.constexpr = False,
 ):
     """out = act(depthwise_conv2d(pre_act(x * pre_scale + pre_shift) + addend, w) + bias + residual).
 
@@ -60,15 +63,12 @@ def depthwise_conv2d_kernel(
     out_ptr     (N, K, OH, OW)      output, strides so*
     MULT                            channel multiplier: output channel k reads input channel k // MULT
     stride_*, pad_*, dil_*          the convolution's geometry; R, S the filter size
-    stats_ptr   (3, cdiv(N*OH*OW, BLOCK_M), K) fp32 partial statistics of the output (STATS)
+    stats_ptr   (3, row tiles, K) fp32 partial statistics of the output (STATS)
+    means_ptr   (N, cdiv(OH*OW, BLOCK_M), K) fp32 partial spatial sums of the output (MEANS, with
+                                    per-sample row tiles), as in kernels/conv.py
     Pointers of absent optional inputs may be any tensor (never read).
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N * OH * OW
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    n = (t // OH).to(tl.int64)
+    n, oh, ow, m_ok = pixel_tile(tl.program_id(0), N, OH, OW, BLOCK_M, MEANS)
 
     k = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     k_ok = k < K
@@ -108,7 +108,7 @@ def depthwise_conv2d_kernel(
         acc += a.to(tl.float32) * wt.to(tl.float32)[None, :]
 
     store_epilogue(acc, bias_ptr, res_ptr, out_ptr, n, oh, ow, m_ok, k, k_ok, srn, src, srh, srw, res_k,
-                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, K, STATS)
+                   son, soc, soh, sow, HAS_BIAS, HAS_RESIDUAL, ACT, stats_ptr, K, STATS, means_ptr, MEANS)
 
 
 # ---- configs ---------------------------------------------------------------------------------

@@ -199,9 +199,11 @@ def runs_onednn(x: Tensor, conv: nn.Conv2d, backend: Optional[str]) -> bool:
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], args: Optional[tuple], *, act: str,
-            residual: Optional[Tensor], addend: Optional[Tensor], backend: Optional[str]) -> Optional[Tensor]:
+            residual: Optional[Tensor], addend: Optional[Tensor], backend: Optional[str],
+            with_means: bool = False):
     """act(bn(conv(x + addend)) + residual) from the cache (bn and args None: no BN), or None
-    when it cannot be used (then the caller runs the uncached path)."""
+    when it cannot be used (then the caller runs the uncached path). `with_means`: (out, the (N, K)
+    means of each sample's channels), on oneDNN in a pass of their own."""
     e = _entry(conv, args)
     if e is None:
         return None
@@ -214,10 +216,11 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: Optional[nn.Module], args: Optional[
         accumulate = _take_scratch(residual) and residual.shape[1] == conv.out_channels and residual.is_contiguous(
             memory_format=torch.channels_last if _conv.is_channels_last(x) else torch.contiguous_format) \
             and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
-        return _conv.conv2d_onednn(x, _prepacked(e, x, conv), e.bias, conv.stride, conv.padding, conv.dilation,
-                                   conv.groups, residual, act, accumulate=accumulate)
+        y = _conv.conv2d_onednn(x, _prepacked(e, x, conv), e.bias, conv.stride, conv.padding, conv.dilation,
+                                conv.groups, residual, act, accumulate=accumulate)
+        return (y, _conv.sample_means(y)) if with_means else y
     return F.conv2d(x, e.weight, e.bias, conv.stride, conv.padding, conv.dilation, conv.groups, addend=addend,
-                    residual=residual, act=act, backend=backend)
+                    residual=residual, act=act, with_means=with_means, backend=backend)
 
 
 def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, args: tuple, *, pre_act: str,

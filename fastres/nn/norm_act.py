@@ -66,17 +66,19 @@ def _conv_kw(conv: nn.Conv2d) -> dict:
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module, *, act: str = "relu",
-            residual: Optional[Tensor] = None, addend: Optional[Tensor] = None,
-            backend: Optional[str] = None) -> Tensor:
+            residual: Optional[Tensor] = None, addend: Optional[Tensor] = None, with_means: bool = False,
+            backend: Optional[str] = None):
     """act(bn(conv(x + addend)) + residual) through `F.conv2d_bn_act`; in eval inference without
-    autograd from the conv's cached BN-folded (and prepacked) weight, see `fastres.nn.inference`."""
+    autograd from the conv's cached BN-folded (and prepacked) weight, see `fastres.nn.inference`.
+    `with_means`: (out, the (N, K) means of each sample's channels), as `F.conv2d_bn_act` gives them."""
     args, group = bn_args(bn)
     if not args[4] and _inference.usable(x, conv, bn, residual, addend):
-        y = _inference.conv_bn(x, conv, bn, args, act=act, residual=residual, addend=addend, backend=backend)
+        y = _inference.conv_bn(x, conv, bn, args, act=act, residual=residual, addend=addend, with_means=with_means,
+                               backend=backend)
         if y is not None:
             return y
     return F.conv2d_bn_act(x, conv.weight, conv.bias, *args, act=act, residual=residual, addend=addend,
-                           process_group=group, backend=backend, **_conv_kw(conv))
+                           process_group=group, with_means=with_means, backend=backend, **_conv_kw(conv))
 
 
 def bn_conv(x: Tensor, bn: nn.Module, conv: nn.Conv2d, *, pre_act: str = "relu",

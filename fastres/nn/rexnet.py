@@ -1,8 +1,9 @@
 """ReXNet LinearBottleneck, drop-in for timm's, same state_dict keys.
 
 [1x1 conv-BN-SiLU] -> 3x3 depthwise conv-BN -> [SE] -> ReLU6 -> 1x1 conv-BN (+ shortcut on the
-first `in_channels` channels). Each conv runs with its BN (and activation) fused; the SE gate is
-applied together with the ReLU6; the partial-channel residual add is fused into the last conv.
+first `in_channels` channels). Each conv runs with its BN (and activation) fused; the SE's channel
+means come with the depthwise conv's output (in eval from its epilogue); the SE gate is applied
+together with the ReLU6; the partial-channel residual add is fused into the last conv.
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ class LinearBottleneck(nn.Module):
         if self.se is None:
             out = conv_bn(out, self.conv_dw.conv, self.conv_dw.bn, act=self.dw_act, backend=b)
         else:
-            out = conv_bn(out, self.conv_dw.conv, self.conv_dw.bn, act="identity", backend=b)
-            out = F.se_gate_act(out, self.se.gate_logits(out), act=self.dw_act, backend=b)
+            # the SE's channel means come with the conv's output (in eval from its epilogue)
+            out, means = conv_bn(out, self.conv_dw.conv, self.conv_dw.bn, act="identity", with_means=True, backend=b)
+            out = F.se_gate_act(out, self.se.gate_logits(out, means), act=self.dw_act, backend=b)
         # the shortcut goes onto the first in_channels output channels, in the conv's epilogue
         return conv_bn(out, self.conv_pwl.conv, self.conv_pwl.bn, act="identity",
                        residual=x if self.use_shortcut else None, backend=b)

@@ -27,10 +27,12 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=bias)
         self.act, self.backend = act, backend
 
-    def gate_logits(self, x: Tensor) -> Tensor:
-        """The (N, C) gate logits. The 1x1 convs on the pooled (N, C, 1, 1) tensor run as matrix
-        products (a convolution primitive per call costs milliseconds on CPU at that size)."""
-        s = TF.linear(x.mean((2, 3)), self.fc1.weight.flatten(1), self.fc1.bias)
+    def gate_logits(self, x: Tensor, means: Optional[Tensor] = None) -> Tensor:
+        """The (N, C) gate logits; `means`: x's (N, C) channel means, if known (the conv that made
+        x gives them, `F.conv2d(with_means=True)`). The 1x1 convs on the pooled (N, C, 1, 1) tensor
+        run as matrix products (a convolution primitive per call costs milliseconds on CPU there)."""
+        means = x.mean((2, 3)) if means is None else means.to(x.dtype)
+        s = TF.linear(means, self.fc1.weight.flatten(1), self.fc1.bias)
         if not isinstance(self.bn, nn.Identity):
             s = self.bn(s[:, :, None, None]).flatten(1)
         return TF.linear(apply_act(s, self.act), self.fc2.weight.flatten(1), self.fc2.bias)

@@ -208,6 +208,61 @@ def _composed_stats(backend: str):
 B.register("conv2d_stats", "reference")(_composed_stats("reference"))
 
 
+# ---- conv2d with each sample's channel means ----------------------------------------------------
+@library.op("fastres::conv2d_means", mutates_args=())
+def conv2d_means(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int,
+                 pre_weight: Optional[Tensor], pre_bias: Optional[Tensor], pre_mean: Optional[Tensor],
+                 pre_invstd: Optional[Tensor], pre_act: str, pre_training: bool,
+                 addend: Optional[Tensor], residual: Optional[Tensor], act: str,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """`conv2d`, and the (N, K) spatial mean of each sample's output channels (fp32 for half types),
+    the channel descriptor of the squeeze-excitation that follows. On Triton the means come from
+    the conv kernel's epilogue (row tiles that never cross a sample), so SE takes no pass of its
+    own over the output. Differentiable: the means' gradient reaches the output's."""
+    return _dispatch("conv2d_means", backend, x, weight, bias, stride, padding, dilation, groups, pre_weight,
+                     pre_bias, pre_mean, pre_invstd, pre_act, pre_training, addend, residual, act)
+
+
+@conv2d_means.register_fake
+def _(x, weight, *args):
+    out = _conv2d_fake(x, weight, *args)
+    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return out, x.new_empty((out.shape[0], out.shape[1]), dtype=dt)
+
+
+def _means_setup(ctx, inputs, output):
+    _setup(ctx, inputs, output[0])
+    ctx.pixels = output[0].shape[2] * output[0].shape[3]
+
+
+def _means_backward(ctx, grad, gmeans):
+    # each mean is the sum of its sample's channel over OH*OW pixels, divided by their count
+    grad = grad + (gmeans / ctx.pixels).to(grad.dtype)[:, :, None, None]
+    return _backward(ctx, grad)
+
+
+conv2d_means.register_autograd(_means_backward, setup_context=_means_setup)
+
+
+def sample_means(out: Tensor) -> Tensor:
+    """(N, K) means of each sample's channels of `out` in one pass, as ATen's mean gives them
+    (accumulated in fp32, rounded to out's dtype: mean(dtype=) would first copy a half-precision
+    tensor to fp32), in conv2d_means's dtype."""
+    return out.mean((2, 3)).to(ref.acc_dtype(out.dtype))
+
+
+def _composed_means(backend: str):
+    """conv2d_means on `backend` as its conv2d, then the mean over the output's pixels."""
+    def run(*args):
+        out = B._TABLES["conv2d"][backend].fn(*args)
+        return out, sample_means(out)
+    return run
+
+
+B.register("conv2d_means", "reference")(_composed_means("reference"))
+
+
 # ==== native implementation: oneDNN (CPU) or cuDNN (CUDA) with the native kernels ================
 # The epilogue (bias, residual add, activation) runs as oneDNN post-ops of one convolution
 # primitive (`torch.ops.mkldnn._convolution_pointwise[.binary]`, what inductor emits on CPU).
@@ -353,6 +408,7 @@ def _conv2d_native(x, weight, bias, stride, padding, dilation, groups, pre_weigh
 
 
 B.register("conv2d_stats", "native", supports=_conv2d_stats_native_supports, kernel=False)(_composed_stats("native"))
+B.register("conv2d_means", "native", supports=_conv2d_native_supports, kernel=False)(_composed_means("native"))
 # ==== end of the native implementation ========================================================
 
 
@@ -386,21 +442,23 @@ def _dot_precision(x: Tensor) -> str:
 @B.register("conv2d", "triton", supports=_triton_conv2d_supports)
 def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight, pre_bias, pre_mean,
                   pre_invstd, pre_act, pre_training, addend, residual, act, *, config=None, mix=None,
-                  stats=False):
+                  stats=False, means=False):
     """One fused implicit-GEMM kernel; `config` (a kernels.conv.Config) overrides the heuristic.
     Depthwise convs (groups == C) run the direct kernel instead unless a `config` is given.
     `mix`: the kernel's NUM_MIX arguments (fastres.ops.mix), x then being input 0 of the sum.
-    `stats`: return (out, mean, var), the output's batch statistics from the kernel's epilogue."""
+    `stats`: return (out, mean, var), the output's batch statistics from the kernel's epilogue;
+    `means`: return (out, means), the (N, K) means of each sample's output channels from it."""
     import os
 
     import triton
 
     from fastres.kernels import conv as K
     from fastres.kernels import depthwise as D
-    from fastres.ops.bn_act import combine_stats, triton_device
+    from fastres.ops.bn_act import triton_device
     if mix is None and config is None and D.unsupported(x.shape[1], weight.shape[0], groups) is None:
         return conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weight, pre_bias,
-                                       pre_mean, pre_invstd, pre_act, addend, residual, act, stats=stats)
+                                       pre_mean, pre_invstd, pre_act, addend, residual, act, stats=stats,
+                                       means=means)
     scale, shift = ref.scale_shift(pre_weight, pre_bias, pre_mean, pre_invstd, x)
     shape = out_shape(x, weight, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x, weight))
@@ -409,9 +467,8 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
     kg = k // groups
     cfg = config or K.pick_config(cg, kg, x.element_size(), groups=groups)
     gpt = K.groups_per_tile(cg, kg, groups, x.element_size()) if cfg.PACK_GROUPS else 1
-    grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(gpt * kg, cfg.BLOCK_N),
-            triton.cdiv(groups, gpt))
-    part = torch.empty((3, grid[0], k), dtype=torch.float32, device=x.device) if stats else None
+    grid = (_row_tiles(shape, cfg.BLOCK_M, means), triton.cdiv(gpt * kg, cfg.BLOCK_N), triton.cdiv(groups, gpt))
+    part, sums = _partials(grid[0], k, x.device, stats, means)
     zero4 = (0, 0, 0, 0)
     res_k = residual.shape[1] if residual is not None else 0
     with triton_device(x):
@@ -428,8 +485,9 @@ def conv2d_triton(x, weight, bias, stride, padding, dilation, groups, pre_weight
             HAS_RESIDUAL=residual is not None, ACT=K.ACTS[act], DOT_PRECISION=_dot_precision(x),
             DOT_UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_C=cfg.BLOCK_C, PACK_GROUPS=cfg.PACK_GROUPS,
-            stats_ptr=part, STATS=stats, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(mix or {}))
-        return (out, *combine_stats(part)) if stats else out
+            stats_ptr=part, STATS=stats, means_ptr=sums, MEANS=means, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **(mix or {}))
+        return _results(out, part, sums)
 
 
 @B.register("conv2d_stats", "triton", supports=_triton_conv2d_supports)
@@ -437,23 +495,57 @@ def _conv2d_stats_triton(*args):
     return conv2d_triton(*args, stats=True)
 
 
+@B.register("conv2d_means", "triton", supports=_triton_conv2d_supports)
+def _conv2d_means_triton(*args):
+    return conv2d_triton(*args, means=True)
+
+
+def _row_tiles(shape: Sequence[int], block_m: int, per_sample: bool) -> int:
+    """Row tiles of an (N, K, OH, OW) output (kernels.conv.pixel_tile): over all N*OH*OW pixels,
+    or `per_sample`, over each sample's OH*OW apart."""
+    import triton
+    n, pixels = shape[0], shape[2] * shape[3]
+    return n * triton.cdiv(pixels, block_m) if per_sample else triton.cdiv(n * pixels, block_m)
+
+
+def _partials(rows: int, k: int, device: torch.device, stats: bool, means: bool):
+    """The epilogue's fp32 partial buffers: (count, mean, M2) per row tile and channel for `stats`,
+    sums per row tile and channel for `means` (None when not asked for)."""
+    part = torch.empty((3, rows, k), dtype=torch.float32, device=device) if stats else None
+    sums = torch.empty((rows, k), dtype=torch.float32, device=device) if means else None
+    return part, sums
+
+
+def _results(out: Tensor, part: Optional[Tensor], sums: Optional[Tensor]):
+    """out, with its batch statistics merged from `part` and/or its per-sample channel means
+    summed from `sums` (each sample's row tiles in turn; a fixed order, so deterministic)."""
+    from fastres.ops.bn_act import combine_stats
+    extra = [] if part is None else list(combine_stats(part))
+    if sums is not None:
+        n, k, oh, ow = out.shape
+        extra.append(sums.view(n, -1, k).sum(1) / (oh * ow))
+    return (out, *extra) if extra else out
+
+
 def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weight, pre_bias, pre_mean,
-                            pre_invstd, pre_act, addend, residual, act, *, config=None, stats=False):
+                            pre_invstd, pre_act, addend, residual, act, *, config=None, stats=False,
+                            means=False):
     """A depthwise conv (groups == C, K = m*C) in one direct kernel with the same fusions;
-    `config` (a kernels.depthwise.Config) overrides the heuristic; `stats` as for conv2d_triton."""
+    `config` (a kernels.depthwise.Config) overrides the heuristic; `stats`, `means` as for
+    conv2d_triton."""
     import triton
 
     from fastres.kernels import depthwise as D
     from fastres.kernels.conv import ACTS
-    from fastres.ops.bn_act import combine_stats, triton_device
+    from fastres.ops.bn_act import triton_device
     scale, shift = ref.scale_shift(pre_weight, pre_bias, pre_mean, pre_invstd, x)
     shape = out_shape(x, weight, stride, padding, dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x, weight))
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     cfg = config or D.pick_config(k, x.stride(1) == 1 and c > 1, x.element_size())
-    grid = (triton.cdiv(n * shape[2] * shape[3], cfg.BLOCK_M), triton.cdiv(k, cfg.BLOCK_C))
-    part = torch.empty((3, grid[0], k), dtype=torch.float32, device=x.device) if stats else None
+    grid = (_row_tiles(shape, cfg.BLOCK_M, means), triton.cdiv(k, cfg.BLOCK_C))
+    part, sums = _partials(grid[0], k, x.device, stats, means)
     zero4 = (0, 0, 0, 0)
     res_k = residual.shape[1] if residual is not None else 0
     with triton_device(x):
@@ -469,6 +561,7 @@ def conv2d_depthwise_triton(x, weight, bias, stride, padding, dilation, pre_weig
             R=r, S=s, HAS_ADDEND=addend is not None, HAS_PRE_SCALE=scale is not None,
             HAS_PRE_SHIFT=shift is not None, PRE_ACT=ACTS[pre_act], HAS_BIAS=bias is not None,
             HAS_RESIDUAL=residual is not None, ACT=ACTS[act],
-            BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, stats_ptr=part, STATS=stats, num_warps=cfg.num_warps)
-        return (out, *combine_stats(part)) if stats else out
+            BLOCK_M=cfg.BLOCK_M, BLOCK_C=cfg.BLOCK_C, stats_ptr=part, STATS=stats, means_ptr=sums, MEANS=means,
+            num_warps=cfg.num_warps)
+        return _results(out, part, sums)
 # ==== end of the triton implementation ========================================================

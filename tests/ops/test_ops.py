@@ -174,6 +174,36 @@ def test_conv2d_stats(case, backend):
     opcheck(ops.conv2d_stats.default, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) + (backend,))
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv2d_means(case, backend):
+    """conv2d's output, plus each sample's channel means of it; the means are differentiable,
+    in float64 (gradcheck) through both outputs."""
+    if backend == "native" and fastres.backend.NATIVE_MISSING:
+        pytest.skip(fastres.backend.NATIVE_MISSING)
+    C, K, H, W, k, s, p, d, g = case
+    x = torch.randn(2, C, H, W).to(memory_format=torch.channels_last)
+    args = (x, torch.randn(K, C // g, k, k), torch.randn(K), [s, s], [p, p], [d, d], g, torch.rand(C) + 0.5,
+            torch.randn(C), None, None, "relu", False, None, None, "relu")
+    y, means = ops.conv2d_means(*args, backend)
+    want = ops.conv2d(*args, backend)
+    assert_close(y, want, name="output")
+    assert means.shape == (2, K) and means.dtype == torch.float32
+    assert_close(means, want.double().mean((2, 3)), dtype=torch.float32, reduced=want[0, 0].numel(), name="means")
+    assert y.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(memory_format=torch.channels_last)
+    opcheck(ops.conv2d_means.default, args + (backend,))
+    if backend == "reference":
+        f64 = [a.double().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+        leaves = [f64[i] for i in (0, 1, 2, 7, 8)]
+
+        def f(*ts):
+            full = list(f64)
+            for i, t in zip((0, 1, 2, 7, 8), ts):
+                full[i] = t
+            return ops.conv2d_means(*full, backend)
+        assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+
+
 @pytest.mark.parametrize("act", ["relu6", "silu"])
 def test_conv2d_epilogue_acts_backward(act):
     f64 = dict(dtype=torch.float64, requires_grad=True)

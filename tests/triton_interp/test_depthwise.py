@@ -215,9 +215,30 @@ def test_rexnet_block_on_triton(case, train, launches):
     x = torch.randn(2, in_chs, 7, 7).to(memory_format=CL)
     with B.recording() as rec:
         assert_matches_float64(ref, new, x, train=train)
-    convs = [r for r in rec if r[1] in ("conv2d", "conv2d_stats")]
+    convs = [r for r in rec if r[1] in ("conv2d", "conv2d_stats", "conv2d_means")]
     assert len(convs) == (3 if exp != 1.0 else 2) and all(r[2] == "triton" for r in convs), rec
     assert launches["depthwise"] == 1
+    assert [r[1] for r in convs].count("conv2d_means") == 0   # no SE here
+
+
+def test_rexnet_se_block_means_from_the_epilogue(launches):
+    """With SE, in eval the depthwise conv hands the SE its channel means (conv2d_means, one
+    launch and no mean pass); in training they are taken from the BN's output. Both match the
+    float64 timm block."""
+    pytest.importorskip("timm")
+    from tests.nn.blockcheck import assert_matches_float64
+    from tests.nn.test_rexnet import ZERO_IN_TRAIN, _timm_block
+    for train in (False, True):
+        ref = _timm_block(8, 12, 1, 6.0, 1 / 12)
+        new = fastres.convert(ref).to(memory_format=CL)
+        new.backend = "triton"
+        ref.double()
+        with B.recording() as rec:   # N >= 3 for the SE's BN, as in tests/nn/test_rexnet.py
+            assert_matches_float64(ref, new, torch.randn(4, 8, 7, 7).to(memory_format=CL), train=train,
+                                   skip_grads=ZERO_IN_TRAIN if train else ())
+        ops_run = [r[1] for r in rec if r[1].startswith("conv2d")]
+        assert ops_run.count("conv2d_means") == (0 if train else 1), rec
+        assert all(r[2] == "triton" for r in rec if r[1].startswith("conv2d")), rec
 
 
 if __name__ == "__main__":

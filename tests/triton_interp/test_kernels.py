@@ -264,6 +264,61 @@ def test_conv2d_stats_opcheck():
     opcheck(ops.conv2d_stats.default, (*args, "triton"))
 
 
+# ---- conv2d_means: each sample's channel means from the epilogue ---------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS.get)
+@pytest.mark.parametrize("geom", ["odd15", "stride2", "groups32x4", "1x1spatial", "depthwise"])
+def test_conv2d_means(geom, dtype):
+    """The means of the stored (rounded) output per sample and channel, every fusion on, from row
+    tiles that never cross a sample (odd15: 225 pixels, four 64-row tiles a sample, the last one
+    mostly masked; 1x1spatial: one pixel a tile); the output is conv2d's, bit for bit."""
+    g = GEOMETRIES.get(geom) or (3, 16, 9, 9, 32, (3, 3), (1, 1), (1, 1), (1, 1), 16)   # depthwise, x2
+    args = conv_args(g, dtype, **ALL)
+    y, means = _ran_on_triton(lambda: ops.conv2d_means(*args, "triton"))
+    torch.testing.assert_close(y, ops.conv2d(*args, "triton"), rtol=0, atol=0)
+    assert means.dtype == torch.float32
+    assert_close(means, y.double().mean((2, 3)), dtype=torch.float32, reduced=y.shape[2] * y.shape[3], name="means")
+    _check(means, args, lambda *a: ops.conv2d_means(*a)[1], dtype, geom)
+
+
+@pytest.mark.parametrize("geom", ["odd15", "depthwise"])
+def test_conv2d_means_backward(geom):
+    """Gradients through the output and the means at once match the float64 reference: each
+    mean's gradient spreads evenly over its sample's pixels, then through the epilogue's ReLU,
+    the conv and the BN-ReLU prologue."""
+    g = GEOMETRIES.get(geom) or (2, 16, 9, 9, 32, (3, 3), (1, 1), (1, 1), (1, 1), 16)
+    grads = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(1)
+        args = list(conv_args(g, torch.float32, pre="bn", pre_act="relu", bias=True, residual=True, act="relu"))
+        if backend == "reference":
+            args = list(_f64(args))
+        leaves = [args[i].requires_grad_() for i in (0, 1, 2, 7, 8, 14)]
+        y, means = ops.conv2d_means(*args, backend)
+        torch.manual_seed(2)
+        gy, gm = torch.randn(y.shape).to(y), torch.randn(means.shape).to(means) * y.shape[2] * y.shape[3]
+        ((y * gy).sum() + (means * gm).sum()).backward()
+        grads[backend] = [t.grad for t in leaves]
+    for i, (got, want) in enumerate(zip(grads["triton"], grads["reference"])):
+        assert_close(got, want, dtype=torch.float32, reduced=g[0] * g[2] * g[3], name=f"grad {i}")
+
+
+def test_conv2d_means_depthwise_tiles():
+    """Every depthwise tile, with BLOCK_M rows that split a sample's 15x15 pixels unevenly."""
+    from fastres.kernels import depthwise as KD
+    from fastres.ops.conv import conv2d_depthwise_triton
+    args = conv_args((3, 24, 15, 15, 24, (3, 3), (1, 1), (1, 1), (1, 1), 24), torch.float32, bias=True, act="relu6")
+    x, w, b, stride, padding, dilation, _, pw, pb, pm, pi, pre_act, _, add, res, act = args
+    for cfg in KD.all_configs(4):
+        y, means = conv2d_depthwise_triton(x if cfg.BLOCK_C > 1 else x.contiguous(), w, b, stride, padding, dilation,
+                                           pw, pb, pm, pi, pre_act, add, res, act, config=cfg, means=True)
+        assert_close(means, y.double().mean((2, 3)), dtype=torch.float32, reduced=225, name=str(cfg))
+
+
+def test_conv2d_means_opcheck():
+    args = conv_args((2, 5, 4, 4, 6, (3, 3), (1, 1), (1, 1), (1, 1), 1), torch.float32, **ALL)
+    opcheck(ops.conv2d_means.default, (*args, "triton"))
+
+
 def test_conv2d_float64_falls_back_with_reason():
     args = conv_args(SMALL, torch.float64)
     B._warned.clear()
