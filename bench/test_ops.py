@@ -71,6 +71,22 @@ def _se_gate_add_relu(shape):
     return (x, r), eager, fused
 
 
+def _dwconv_bn_se_means(shape):
+    """3x3 depthwise conv, eval BN folded, and the SE's channel means of its output: ReXNet's
+    depthwise conv and the squeeze of the SE after it."""
+    c = shape[1]
+    x = torch.randn(shape).to(memory_format=CL)
+    wt = (torch.randn(c, 1, 3, 3) / 3).to(memory_format=CL)
+    mean, var, w, b = _bn_vectors(c)
+
+    def eager(x):
+        y = TF.batch_norm(TF.conv2d(x, wt, padding=1, groups=c), mean, var, w, b, False)
+        return y, y.mean((2, 3))
+    fused = lambda x, backend: F.conv2d_bn_act(x, wt, None, mean, var, w, b, False, padding=1, groups=c,
+                                               act="identity", with_means=True, backend=backend)
+    return (x,), eager, fused
+
+
 # name: (build, input shape, modes)
 SUBJECTS = {
     "bn_add_relu": (_bn_act_add, (8, 256, 56, 56), ("infer", "train")),
@@ -78,6 +94,7 @@ SUBJECTS = {
     "conv1x1_bn_add_relu": (_conv_bn_add_relu, (8, 64, 56, 56), ("infer", "train")),
     "bn_relu_conv3x3": (_bn_relu_conv, (8, 64, 56, 56), ("infer", "train")),
     "se_gate_add_relu": (_se_gate_add_relu, (8, 256, 56, 56), ("infer", "train")),
+    "dwconv_bn_se_means": (_dwconv_bn_se_means, (8, 300, 28, 28), ("infer",)),
 }
 CASES = [(s, m) for s, (_, _, modes) in SUBJECTS.items() for m in modes]
 
