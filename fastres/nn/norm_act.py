@@ -159,12 +159,16 @@ def conv(x: Tensor, conv: nn.Conv2d, *, act: str = "identity", residual: Optiona
 
 
 def shortcut(downsample: Optional[nn.Module], x: Tensor, backend: Optional[str] = None) -> Tensor:
-    """The block's shortcut: identity, a fused conv-BN projection, or any other module as it is."""
+    """The block's shortcut: identity, a fused conv-BN projection (after the average pooling or
+    Identity of timm's `avg_down` "d" variants, when there), or any other module as it is."""
     if downsample is None:
         return x
-    if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
-            and isinstance(downsample[0], nn.Conv2d) and is_bn(downsample[1])):
-        y = conv_bn(x, downsample[0], downsample[1], act="identity", backend=backend)
+    layers = list(downsample) if isinstance(downsample, nn.Sequential) else []
+    pool = layers.pop(0) if len(layers) == 3 and isinstance(layers[0], (nn.Identity, nn.AvgPool2d)) else None
+    if len(layers) == 2 and isinstance(layers[0], nn.Conv2d) and is_bn(layers[1]):
+        if isinstance(pool, nn.AvgPool2d):
+            x = pool(x)
+        y = conv_bn(x, layers[0], layers[1], act="identity", backend=backend)
         # a fresh tensor only the block's last conv reads: that conv may accumulate into it
         return _inference.offer_scratch(y)
     return downsample(x)

@@ -101,6 +101,24 @@ def test_bad_input(bad, err, match):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("stage", [0, 1], ids=["identity-pool", "avg-pool"])
+def test_avg_down_shortcut_is_fused(train, stage):
+    """timm's "d" shortcut, (Identity or AvgPool2d, conv, BN): the conv-BN runs as a fastres op
+    (after ATen's pooling), as the 2-layer projection does; every conv of the block is fused."""
+    import timm
+    from fastres import backend as B
+    torch.manual_seed(0)
+    ref = randomize_bn(timm.create_model("resnet26d").get_submodule(f"layer{stage + 1}.0"))
+    assert len(ref.downsample) == 3
+    new = fastres.convert(ref)
+    x = torch.randn(3, ref.conv1.in_channels, 8, 8)
+    assert_same_step(ref, new, x, train=train)
+    with B.recording() as rec:
+        new.train(train)(x)
+    assert len([r for r in rec if r[1].startswith("conv2d")]) == 4, rec
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("stage", [0, 1], ids=["first", "down"])
 def test_se_bottleneck_matches_timm(train, dtype, stage):
