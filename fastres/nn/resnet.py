@@ -49,7 +49,8 @@ def residual_branch(block: nn.Module, x: Tensor, layers: list[tuple[nn.Conv2d, n
     never stored; autograd keeps the conv outputs only and the backward recomputes the ReLU. Each
     conv hands its output's batch statistics to the BN after it (from its epilogue on Triton).
     The SE gate (an `se` submodule, as timm's SE-ResNet; looked up in _modules because a class
-    attribute would shadow it) runs in the same pass as the residual add and ReLU."""
+    attribute would shadow it) runs in the same pass as the residual add and ReLU; in eval its
+    channel means come with the last conv's output (`conv2d_means`)."""
     b = block.backend
     *inner, (conv_n, bn_n) = layers
     if layers[0][1].training:
@@ -62,8 +63,8 @@ def residual_branch(block: nn.Module, x: Tensor, layers: list[tuple[nn.Conv2d, n
     se = block._modules.get("se")
     if se is None:
         return conv_bn(x, conv_n, bn_n, act="relu", residual=identity, backend=b)
-    y = conv_bn(x, conv_n, bn_n, act="identity", backend=b)
-    return F.se_gate_act(y, se.gate_logits(y), residual=identity, act="relu", backend=b)
+    y, means = conv_bn(x, conv_n, bn_n, act="identity", with_means=True, backend=b)   # means: the epilogue's
+    return F.se_gate_act(y, se.gate_logits(y, means), residual=identity, act="relu", backend=b)
 
 
 def bn_residual_relu(block: nn.Module, y: Tensor, bn: nn.Module, identity: Tensor, stats: F.Stats) -> Tensor:

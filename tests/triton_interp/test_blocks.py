@@ -41,11 +41,17 @@ def _res2net():
     return res2net.Bottle2neck(32, 8, 1, None, base_width=26, scale=4, norm_layer=nn.BatchNorm2d)
 
 
+def _se_resnext():
+    import timm
+    return timm.create_model("seresnext26d_32x4d").get_submodule("layer1.0")
+
+
 BLOCKS = {  # name: (build, input channels, convs the fused block runs)
     "bottleneck": (lambda: _bottleneck(1), 32, 4),
     "resnext-4x4": (lambda: _bottleneck(4), 32, 4),     # 4 groups of 4 channels: one packed tile
     "preact": (_preact, 32, 4),
     "res2net": (_res2net, 32, None),                    # conv3 may run as a sum of convs over splits
+    "se-resnext": (_se_resnext, 64, 4),                 # in eval the SE's means from conv3's epilogue
 }
 
 
@@ -57,11 +63,12 @@ def test_block_on_triton(name, train):
     ref = randomize_bn(build())
     new = fastres.convert(copy.deepcopy(ref), backend="triton", strict=True).to(memory_format=CL)
     ref.double()
-    x = torch.randn(2, cin, 8, 8).to(memory_format=CL)
+    x = torch.randn(3, cin, 8, 8).to(memory_format=CL)
     with B.recording() as rec:
         assert_matches_float64(ref, new, x, train=train)
-    convs = [r for r in rec if r[1] in ("conv2d", "conv2d_stats")]
+    convs = [r for r in rec if r[1] in ("conv2d", "conv2d_stats", "conv2d_means")]
     assert convs and all(r[2] == "triton" for r in convs), rec
     if n_convs is not None:
         assert len(convs) == n_convs, convs
+    assert [r[1] for r in convs].count("conv2d_means") == (name.startswith("se-") and not train), convs
     assert not [r for r in rec if r[2] != "triton"], rec
