@@ -46,10 +46,13 @@ template <class P> using Elem = std::remove_pointer_t<typename P::value_type>;
 // A contiguous 4-D tensor cut into tiles that the kernels process independently: an NCHW tile is
 // one (n, c) plane of HW elements (one channel); a channels_last tile is `rows` pixels of C
 // channels each (channel innermost). Per-tile partial sums are stored as a [tiles * width] buffer
-// whose view(-1, C) sums over dim 0 to per-channel totals.
+// whose view(-1, C) sums over dim 0 to per-channel totals. In channels_last the input x may be a
+// channel slice of a wider buffer (DenseNet's prefix of its features): its pixels are then `xs`
+// elements apart instead of C (CPU kernels of inputs prepared with `sliced_x`).
 struct Layout {
   bool cl;
   int64_t N, C, HW, rows;
+  int64_t xs = C;
 
   int64_t pixels() const { return N * HW; }
   int64_t tiles() const { return cl ? (pixels() + rows - 1) / rows : N * C; }
@@ -65,9 +68,10 @@ struct Layout {
   }
 };
 
-// The inputs of one call, in one memory format (x's own when it is a contiguous one; a copy is
-// made only for other strides, or for a residual/grad/out in a different format), with the
-// per-channel vectors as contiguous opmath tensors:
+// The inputs of one call, in one memory format (x's own when it is a contiguous one, or with
+// `sliced_x` a channel slice of a channels_last one; a copy is made only for other strides, or for
+// a residual/grad/out in a different format), with the per-channel vectors as contiguous opmath
+// tensors:
 //   z = x * scale + shift (+ residual),  scale = invstd * weight,  shift = bias - mean * scale,
 // mean 0, invstd 1, weight 1, bias 0 where absent (which reproduces the reference's values exactly).
 struct Inputs {
@@ -92,13 +96,24 @@ inline Tensor channel_vector(const OptTensor& v, const Tensor& x, at::ScalarType
   return v->reshape({C}).to(opmath).contiguous();
 }
 
+// x's pixel stride if it is a channel slice of a channels_last tensor: channels contiguous and
+// pixels evenly `stride(3)` apart in (n, h, w) order; 0 otherwise.
+inline int64_t channel_slice_stride(const Tensor& x) {
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), xs = x.stride(3);
+  const bool ok = (C == 1 || x.stride(1) == 1) && xs >= C && (H == 1 || x.stride(2) == W * xs) &&
+                  (x.size(0) == 1 || x.stride(0) == H * W * xs);
+  return ok ? xs : 0;
+}
+
 inline Inputs prepare(const Tensor& x_, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
-                      const OptTensor& invstd, const OptTensor& residual, int64_t rows_per_tile) {
+                      const OptTensor& invstd, const OptTensor& residual, int64_t rows_per_tile,
+                      bool sliced_x = false) {
   TORCH_CHECK(x_.dim() == 4, "fastres: expects a 4-D (N, C, H, W) input, got ", x_.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(x_.scalar_type()), "fastres: expects a floating input, got ", x_.scalar_type());
   Inputs in;
   in.format = x_.suggest_memory_format();
-  in.x = x_.contiguous(in.format);
+  const int64_t xs = sliced_x && in.format == at::MemoryFormat::ChannelsLast ? channel_slice_stride(x_) : 0;
+  in.x = xs > 0 ? x_ : x_.contiguous(in.format);
   in.opmath = at::toOpMathType(x_.scalar_type());
   in.mean = channel_vector(mean, in.x, in.opmath, 0.0, "mean");
   in.invstd = channel_vector(invstd, in.x, in.opmath, 1.0, "invstd");
@@ -121,6 +136,7 @@ inline Inputs prepare(const Tensor& x_, const OptTensor& weight, const OptTensor
   const int64_t C = in.x.size(1);
   in.layout = Layout{in.format == at::MemoryFormat::ChannelsLast, in.x.size(0), C, in.x.size(2) * in.x.size(3),
                      std::max<int64_t>(1, rows_per_tile / std::max<int64_t>(C, 1))};
+  if (xs > 0) in.layout.xs = xs;
   return in;
 }
 

@@ -39,8 +39,8 @@ void bn_act_kernel(const Inputs& in, Tensor& y) {
   T* out = y.mutable_data_ptr<T>();
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C;
-    for_each_step<T>(L, t, [=](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-      auto v = IO::load(x + i, n);
+    for_each_step<T>(L, t, [=](int64_t i, int64_t xi, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      auto v = IO::load(x + xi, n);
       auto s = IO::chan(scale + c, L.cl, j, n), b = IO::chan(shift + c, L.cl, j, n);
       typename IO::Pack rv;
       if (r) rv = IO::load(r + i, n);
@@ -55,8 +55,10 @@ void bn_act_kernel(const Inputs& in, Tensor& y) {
 
 Tensor bn_act_cpu(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean,
                   const OptTensor& invstd, const OptTensor& residual, c10::string_view act) {
-  Inputs in = prepare(x, weight, bias, mean, invstd, residual, kTileElems);
-  Tensor y = at::empty_like(in.x);
+  // a channel slice of a channels_last tensor (DenseNet's prefix of its features) is read in place
+  Inputs in = prepare(x, weight, bias, mean, invstd, residual, kTileElems, /*sliced_x=*/true);
+  Tensor y = in.layout.xs == in.layout.C ? at::empty_like(in.x)   // x's own strides (also when empty)
+                                         : at::empty(in.x.sizes(), in.x.options().memory_format(in.format));
   FASTRES_DISPATCH(x.scalar_type(), parse_act(std::string(act)), "bn_act_cpu", bn_act_kernel<scalar_t, kAct>(in, y));
   return y;
 }
@@ -112,9 +114,9 @@ void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& 
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C, row = t * L.width();
     TileSum<T> sum0(s0 ? s0 + row : nullptr, L.cl), sum1(s1 ? s1 + row : nullptr, L.cl);
-    for_each_step<T>(L, t, [=, &sum0, &sum1](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<T>(L, t, [=, &sum0, &sum1](int64_t i, int64_t xi, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       Pack xv;
-      if (load_x) xv = IO::load(x + i, n);
+      if (load_x) xv = IO::load(x + xi, n);
       Pack gz = grad_z(i, j, n, c, xv);
       if (gres) IO::store(gres + i, gz, n);
       if (s0) sum0.add(gz, j, n);
@@ -143,8 +145,8 @@ void bn_act_backward_kernel(const Inputs& in, const Tensor& grad, const Tensor& 
   const T* gz_saved = masks_only(A) ? gres : nullptr;
   for_each_tile(L, [&](int64_t t) {
     const int64_t c = L.cl ? 0 : t % L.C;
-    for_each_step<T>(L, t, [=](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-      Pack xv = IO::load(x + i, n);
+    for_each_step<T>(L, t, [=](int64_t i, int64_t xi, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      Pack xv = IO::load(x + xi, n);
       Pack gz = gz_saved ? IO::load(gz_saved + i, n) : grad_z(i, j, n, c, xv);
       auto s = IO::chan(scale + c, L.cl, j, n), m = IO::chan(mean + c, L.cl, j, n);
       auto a0 = IO::chan(k0 + c, L.cl, j, n), a1 = IO::chan(k1 + c, L.cl, j, n);
@@ -181,12 +183,14 @@ void batch_stats_kernel(const Inputs& in, TileStats& st) {
     const int64_t row = t * L.width();
     O* mean = st.mean.mutable_data_ptr<O>() + row;
     TileSum<T> sum(mean, L.cl), dev(st.dev.mutable_data_ptr<O>() + row, L.cl), sq(st.m2.mutable_data_ptr<O>() + row, L.cl);
-    for_each_step<T>(L, t, [=, &sum](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE { sum.add(IO::load(x + i, n), j, n); });
+    for_each_step<T>(L, t, [=, &sum](int64_t, int64_t xi, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      sum.add(IO::load(x + xi, n), j, n);
+    });
     sum.finish();
     const O inv = O(1) / O(L.count(t));
     for (int64_t k = 0; k < L.width(); ++k) mean[k] *= inv;
-    for_each_step<T>(L, t, [=, &dev, &sq](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
-      auto d = IO::load(x + i, n), m = IO::chan(mean, L.cl, j, n);
+    for_each_step<T>(L, t, [=, &dev, &sq](int64_t, int64_t xi, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+      auto d = IO::load(x + xi, n), m = IO::chan(mean, L.cl, j, n);
       typename IO::Pack d2;
       for (int k = 0; k < IO::kParts; ++k) {
         d[k] = d[k] - m[k];
@@ -201,7 +205,8 @@ void batch_stats_kernel(const Inputs& in, TileStats& st) {
 }
 
 std::tuple<Tensor, Tensor> batch_stats_cpu(const Tensor& x) {
-  Inputs in = prepare(x, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, kTileElems);
+  Inputs in = prepare(x, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt, kTileElems,
+                      /*sliced_x=*/true);
   TileStats st(in);
   FASTRES_DISPATCH_TYPES(x.scalar_type(), "batch_stats_cpu", batch_stats_kernel<scalar_t>(in, st));
   return st.merge(in.layout);

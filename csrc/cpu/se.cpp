@@ -53,7 +53,7 @@ void se_gate_act_kernel(const SeInputs& se, Tensor& y) {
   T* out = y.mutable_data_ptr<T>();
   for_each_image_tile<O>(se, [&](int64_t, int64_t t, int64_t base, const O* s) {
     const O* sc = s + (L.cl ? 0 : t);
-    for_each_step<T>(L, t, [=](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<T>(L, t, [=](int64_t i, int64_t, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       auto v = IO::load(x + base + i, n);
       auto g = IO::chan(sc, L.cl, j, n);
       typename IO::Pack rv;
@@ -92,7 +92,7 @@ void se_gate_act_backward_kernel(const SeInputs& se, const Tensor& grad, const T
   for_each_image_tile<O>(se, [&](int64_t img, int64_t t, int64_t base, const O* s) {
     const O* sc = s + (L.cl ? 0 : t);
     TileSum<T> sum(part + img * per_image + t * L.width(), L.cl);
-    for_each_step<T>(L, t, [=, &sum](int64_t i, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for_each_step<T>(L, t, [=, &sum](int64_t i, int64_t, int64_t j, int64_t n) C10_ALWAYS_INLINE_ATTRIBUTE {
       auto gz = IO::load(dy + base + i, n);
       auto xv = IO::load(x + base + i, n);
       auto g = IO::chan(sc, L.cl, j, n);

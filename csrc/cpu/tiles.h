@@ -51,19 +51,20 @@ void for_each_tile(const Layout& L, F&& f) {
   });
 }
 
-// Calls f(i, j, n) over tile t in steps of at most Io<T>::kStep elements: n elements at flat
-// offset i, position j of their run (the NCHW plane, or the channels_last row, so j is the channel).
+// Calls f(i, xi, j, n) over tile t in steps of at most Io<T>::kStep elements: n elements at flat
+// offset i (xi in x, whose channels_last pixels may be L.xs apart), position j of their run (the
+// NCHW plane, or the channels_last row, so j is the channel).
 // Kernels pass f capturing by value (but for the partial sums it adds to): the pointers and
 // sizes it reads are then copies that stay in registers. Captured by reference they are reloaded
 // through the closure at every step, which made bn_act_backward 1.5x slower.
 template <typename T, typename F>
 C10_ALWAYS_INLINE void for_each_step(const Layout& L, int64_t t, F&& f) {
   constexpr int64_t kStep = Io<T>::kStep;
-  auto run = [&](int64_t off, int64_t len) C10_ALWAYS_INLINE_ATTRIBUTE {
-    for (int64_t j = 0; j < len; j += kStep) f(off + j, j, std::min(kStep, len - j));
+  auto run = [&](int64_t off, int64_t xoff, int64_t len) C10_ALWAYS_INLINE_ATTRIBUTE {
+    for (int64_t j = 0; j < len; j += kStep) f(off + j, xoff + j, j, std::min(kStep, len - j));
   };
-  if (!L.cl) return run(t * L.HW, L.HW);
-  for (int64_t p = t * L.rows, end = std::min(p + L.rows, L.pixels()); p < end; ++p) run(p * L.C, L.C);
+  if (!L.cl) return run(t * L.HW, t * L.HW, L.HW);
+  for (int64_t p = t * L.rows, end = std::min(p + L.rows, L.pixels()); p < end; ++p) run(p * L.C, p * L.xs, L.C);
 }
 
 template <typename T>

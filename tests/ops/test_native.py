@@ -222,6 +222,26 @@ def test_no_copy_of_contiguous_inputs(cl):
     assert _copies(lambda: native.bn_act(x, w, b, m, i, r_other, "relu"), x.shape) != []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 5, 7), (3, 16, 4, 4), (2, 8, 1, 1)], ids=_shape_id)
+def test_channel_slice_of_channels_last_is_read_in_place(shape, dtype):
+    """bn_act and batch_stats read a channel slice of a wider channels_last buffer (DenseNet's
+    prefix of its features) where it is: the results are the reference's, the output is dense
+    channels_last, and no x-sized copy is made. The backward takes a dense copy and is exact too."""
+    n, c, h, w = shape
+    buf = _fmt(torch.randn(n, c + 11, h, w, dtype=dtype) * 3 + 1, True)
+    for x in (buf[:, :c], buf[:, 5:5 + c]):
+        assert not x.is_contiguous(memory_format=CL) or h * w == 1
+        _, wt, b, m, i, r = _inputs(shape, dtype, True, set(TERMS), False)
+        y = _check_forward((x, wt, b, m, i, r), "relu")
+        assert y.is_contiguous(memory_format=CL)
+        assert _copies(lambda: native.bn_act(x, wt, b, m, i, r, "relu"), x.shape) == []
+        for got, want in zip(native.batch_stats(x), ref.batch_stats(x)):
+            assert_close(got, want, reduced=n * h * w, name="batch_stats")
+        assert _copies(lambda: native.batch_stats(x), x.shape) == []
+        _check_backward((x, wt, b, m, i, r), "relu", False, masks=[[True] * 4], name="slice")
+
+
 def test_strided_input_falls_back_to_a_copy():
     x = torch.randn(2, 8, 10, 12)[:, :, ::2, 1:]
     w = torch.rand(8) + 0.5
