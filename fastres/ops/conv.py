@@ -184,8 +184,7 @@ def conv2d_stats(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
 
 @conv2d_stats.register_fake
 def _(x, weight, *args):
-    out = _conv2d_fake(x, weight, *args)
-    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    out, dt = _conv2d_fake(x, weight, *args), ref.acc_dtype(x.dtype)
     return out, x.new_empty(weight.shape[0], dtype=dt), x.new_empty(weight.shape[0], dtype=dt)
 
 
@@ -227,8 +226,7 @@ def conv2d_means(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequ
 @conv2d_means.register_fake
 def _(x, weight, *args):
     out = _conv2d_fake(x, weight, *args)
-    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    return out, x.new_empty((out.shape[0], out.shape[1]), dtype=dt)
+    return out, x.new_empty(out.shape[:2], dtype=ref.acc_dtype(x.dtype))
 
 
 def _means_setup(ctx, inputs, output):
